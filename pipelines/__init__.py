@@ -1,0 +1,1 @@
+"""pipelines: one runnable config per paper table."""
