@@ -5,15 +5,271 @@ Each command parses options, calls a function from its own module and reports; n
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+from pathlib import Path
+
 import click
+from tqdm import tqdm
 
 from flowprep import __version__
+from flowprep.extract import MODALITIES, ExtractSettings, RuntimeOptions, VideoResult, run_batch
+from flowprep.manifest import (
+    ManifestError,
+    build_manifest,
+    index_folder,
+    read_manifest,
+    write_manifest,
+)
+
+EXIT_SOME_FAILED = 3
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="flowprep")
 def main() -> None:
     """Prepare action-recognition videos: manifests, RGB frames, TV-L1 flow, shards."""
+
+
+@main.command("index")
+@click.argument("video_root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "-s",
+    "--splits",
+    "split_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder with the official split files (UCF101 classInd.txt + train/testlist0N.txt, "
+    "or HMDB51 <class>_test_split<N>.txt). Without it, VIDEO_ROOT is read as one folder per class.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "ucf101", "hmdb51", "folder"]),
+    default="auto",
+    show_default=True,
+    help="Layout of the split files; auto detects it from --splits.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Manifest to write (JSON lines: video_id, path, label, label_index, splits).",
+)
+def index_command(video_root: Path, split_dir: Path | None, fmt: str, output: Path) -> None:
+    """Write a manifest of the videos under VIDEO_ROOT with their labels and splits."""
+    try:
+        entries = build_manifest(video_root, split_dir, fmt)
+    except (ManifestError, OSError, UnicodeDecodeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    write_manifest(entries, output)
+    missing = sum(not (video_root / e.path).exists() for e in entries)
+    labels = {e.label for e in entries if e.label is not None}
+    click.echo(
+        f"indexed {len(entries)} videos in {len(labels)} classes -> {output}"
+        + (f" ({missing} listed videos are not under {video_root})" if missing else "")
+    )
+
+
+def _load_entries(source: Path, video_root: Path | None) -> tuple[list, Path]:
+    """Entries and video root from a manifest file or a folder of videos."""
+    if source.is_dir():
+        return index_folder(source), source
+    try:
+        return read_manifest(source), (video_root or source.parent)
+    except ManifestError as exc:
+        raise click.ClickException(str(exc)) from None
+    except UnicodeDecodeError:
+        raise click.ClickException(
+            f"{source}: not a manifest (binary file); pass a manifest "
+            "from `flowprep index` or a folder of videos"
+        ) from None
+
+
+@main.command("extract")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Output root: OUT/<video_id>/img_00001.jpg ..., meta.json, failures.jsonl, split lists.",
+)
+@click.option(
+    "--video-root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Root the manifest's paths are relative to (default: the manifest's folder).",
+)
+@click.option(
+    "--modality",
+    type=click.Choice(MODALITIES),
+    default="rgb",
+    show_default=True,
+    help="Write RGB frames, optical flow (flow_x/flow_y), or both.",
+)
+@click.option(
+    "--short-side",
+    type=click.IntRange(min=0),
+    default=256,
+    show_default=True,
+    help="Resize so the short side has this many pixels (aspect kept); 0 keeps the size.",
+)
+@click.option(
+    "--quality",
+    "jpeg_quality",
+    type=click.IntRange(1, 100),
+    default=95,
+    show_default=True,
+    help="JPEG quality of the written frames.",
+)
+@click.option(
+    "--flow-backend",
+    type=click.Choice(["torch", "opencv"]),
+    default="torch",
+    show_default=True,
+    help="TV-L1 implementation: our batched PyTorch one, or OpenCV's DualTVL1 (CPU reference).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Device of the torch flow backend; auto picks CUDA when present.",
+)
+@click.option(
+    "--flow-bound",
+    type=click.FloatRange(min=0, min_open=True),
+    default=20.0,
+    show_default=True,
+    help="Clip flow to +-BOUND pixels before quantizing to JPEG.",
+)
+@click.option(
+    "--flow-format",
+    type=click.Choice(["jpeg", "npy"]),
+    default="jpeg",
+    show_default=True,
+    help="jpeg: quantized flow_x/flow_y images; npy: raw float32 flow per frame pair.",
+)
+@click.option(
+    "--flow-batch",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Frame pairs per flow computation.",
+)
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Videos processed in parallel (joblib processes, or Dask workers).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["local", "dask"]),
+    default="local",
+    show_default=True,
+    help="local: joblib on this machine; dask: the per-video work runs on a Dask cluster.",
+)
+@click.option(
+    "--scheduler",
+    help="Dask scheduler address (tcp://host:8786); without it a local cluster "
+    "of --jobs workers is started. OUT must be reachable from every worker.",
+)
+@click.option("--force", is_flag=True, help="Redo every video, even those already done.")
+@click.option("--strict", is_flag=True, help="Stop at the first video that fails.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def extract_command(
+    source: Path,
+    out: Path,
+    video_root: Path | None,
+    modality: str,
+    short_side: int,
+    jpeg_quality: int,
+    flow_backend: str,
+    device: str,
+    flow_bound: float,
+    flow_format: str,
+    flow_batch: int,
+    jobs: int,
+    backend: str,
+    scheduler: str | None,
+    force: bool,
+    strict: bool,
+    quiet: bool,
+) -> None:
+    """Extract RGB frames (and TV-L1 flow) of every video in SOURCE into OUT.
+
+    SOURCE is a manifest from `flowprep index` or a folder of videos (one folder per class gives
+    labels). Finished videos are skipped on a rerun (resume); a video whose settings changed, or
+    that a killed run left half-written, is redone. Each video that cannot be read is listed with
+    its reason in OUT/failures.jsonl and the batch goes on.
+
+    Exit status: 0 when every video succeeded, 3 when some failed (or --strict stopped at the
+    first failure), 1 for an unusable SOURCE, 2 for bad options.
+    """
+    entries, root = _load_entries(source, video_root)
+    try:
+        settings = ExtractSettings(
+            short_side, jpeg_quality, modality, flow_backend, flow_bound, flow_format
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+    options = RuntimeOptions(device=device, flow_batch=flow_batch, threads=threads)
+    bar = tqdm(total=len(entries), unit="video", disable=quiet, dynamic_ncols=True)
+    start, frames = time.monotonic(), 0
+
+    def report(result: VideoResult) -> None:
+        nonlocal frames
+        frames += result.num_frames if result.status == "done" else 0
+        bar.update(1)
+        bar.set_postfix_str(
+            f"{frames / max(time.monotonic() - start, 1e-9):.0f} frames/s", refresh=False
+        )
+        if result.status == "failed":
+            bar.write(f"failed: {result.source}: {result.reason}", file=sys.stderr)
+
+    mapper = dask_mapper(scheduler, jobs) if backend == "dask" else None
+    try:
+        results = run_batch(
+            entries,
+            root,
+            out,
+            settings,
+            options=options,
+            jobs=jobs,
+            force=force,
+            strict=strict,
+            mapper=mapper,
+            on_result=report,
+        )
+    finally:
+        bar.close()
+    counts = {k: sum(r.status == k for r in results) for k in ("done", "skipped", "failed")}
+    ok = counts["done"] + counts["skipped"]
+    click.echo(
+        f"{ok} succeeded ({counts['done']} extracted, {counts['skipped']} already done), "
+        f"{counts['failed']} failed"
+        + (f": see {out / 'failures.jsonl'}" if counts["failed"] else "")
+        + (" (stopped early: --strict)" if strict and counts["failed"] else ""),
+        err=True,
+    )
+    if counts["failed"]:
+        sys.exit(EXIT_SOME_FAILED)
+
+
+def dask_mapper(scheduler: str | None, jobs: int):
+    """A run_batch mapper that sends each video to a Dask cluster (local when no address)."""
+    from flowprep.cluster import dask_mapper as make
+
+    try:
+        return make(scheduler, jobs)
+    except (ImportError, OSError, TimeoutError) as exc:
+        raise click.ClickException(f"dask backend unavailable: {exc}") from None
 
 
 # Commands from other modules are registered below, one line each.

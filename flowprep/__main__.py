@@ -1,0 +1,5 @@
+"""`python -m flowprep` runs the CLI."""
+
+from flowprep.cli import main
+
+main()

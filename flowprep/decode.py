@@ -1,0 +1,145 @@
+"""Decode a video with PyAV into RGB frames resized so the short side has a given length.
+
+Every way a video can be unusable (missing, empty, not a container, no video stream, decoder
+error, truncated, no frames) becomes a VideoError with a one-line reason, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+
+av.logging.set_level(
+    av.logging.PANIC
+)  # decoder chatter would break progress bars; errors still raise
+
+
+class VideoError(Exception):
+    """A video that cannot be decoded; str() is the one-line reason."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about a video, before decoding it."""
+
+    width: int
+    height: int
+    fps: float  # average frame rate the container declares (0.0 if unknown)
+    declared_frames: int  # frame count in the header (0 if unknown)
+    codec: str
+
+
+def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the short side scaled to `short_side`, aspect kept; 0 keeps the size.
+
+    Rounding matches the usual 340/341x256 UCF101 frames: round(long * short_side / short).
+    """
+    if short_side <= 0:
+        return width, height
+    if width <= height:
+        return short_side, max(1, round(height * short_side / width))
+    return max(1, round(width * short_side / height)), short_side
+
+
+def resize_rgb(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an (H, W, 3) uint8 frame to `size` = (width, height): area when shrinking."""
+    height, width = frame.shape[:2]
+    if (width, height) == size:
+        return frame
+    shrink = size[0] * size[1] < width * height
+    return cv2.resize(frame, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    if not path.exists():
+        raise VideoError("file not found")
+    if path.is_dir():
+        raise VideoError("is a directory, not a video file")
+    if path.stat().st_size == 0:
+        raise VideoError("empty file (0 bytes)")
+    try:
+        return av.open(os.fspath(path), mode="r")
+    except av.error.FFmpegError as exc:
+        raise VideoError(f"not a readable video container ({exc.strerror or exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VideoError(f"cannot open ({exc})") from None
+
+
+def _declared_frames(stream: av.video.stream.VideoStream) -> int:
+    return int(stream.frames or 0)
+
+
+def probe(path: Path) -> VideoInfo:
+    """Read a video's header: size, declared fps and frame count, codec."""
+    with _open(Path(path)) as container:
+        if not container.streams.video:
+            raise VideoError("no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        return VideoInfo(
+            width=stream.codec_context.width,
+            height=stream.codec_context.height,
+            fps=float(rate) if rate else 0.0,
+            declared_frames=_declared_frames(stream),
+            codec=stream.codec_context.name,
+        )
+
+
+def iter_frames(path: Path, *, short_side: int = 256, threads: int = 0) -> Iterator[np.ndarray]:
+    """Yield the video's frames in decode order as (H, W, 3) uint8 RGB, short side resized.
+
+    Frames are those stored in the file (as OpenCV and denseflow read them), not resampled to a
+    constant rate. Raises VideoError for a decoder error, zero frames, or a file that ends well
+    before the duration its header declares (a truncated download).
+    """
+    path = Path(path)
+    with _open(path) as container:
+        if not container.streams.video:
+            raise VideoError("no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = threads
+        rate = stream.average_rate or stream.guessed_rate
+        fps = float(rate) if rate else 0.0
+        count, size = 0, None
+        first_time: float | None = None
+        last_time: float | None = None
+        try:
+            for frame in container.decode(stream):
+                rgb = frame.to_ndarray(format="rgb24")
+                if size is None:
+                    size = output_size(rgb.shape[1], rgb.shape[0], short_side)
+                if frame.pts is not None and stream.time_base is not None:
+                    last_time = float(frame.pts * stream.time_base)
+                    first_time = last_time if first_time is None else first_time
+                count += 1
+                yield resize_rgb(rgb, size)
+        except av.error.FFmpegError as exc:
+            raise VideoError(f"decode error after {count} frames ({exc.strerror or exc})") from None
+        if count == 0:
+            raise VideoError("no decodable frames")
+        span = None if last_time is None else last_time - (first_time or 0.0)
+        _check_complete(count, span, fps, _declared_frames(stream))
+
+
+def _check_complete(count: int, span: float | None, fps: float, declared: int) -> None:
+    """Raise if the decoded frames cover clearly less time than the header's frame count.
+
+    Compared by time, not count, because AVIs with dropped-frame gaps (tree.avi: 444 declared,
+    68 stored) are complete; a cut-off file ends early in time as well as in frames.
+    """
+    if not (declared and fps > 0 and span is not None):
+        return
+    expected = declared / fps
+    covered = span + 1.0 / fps
+    if covered < expected - max(2.0 / fps, 0.02 * expected):
+        raise VideoError(
+            f"truncated: {count} frames cover {covered:.2f} s of the {expected:.2f} s "
+            f"({declared} frames) its header declares"
+        )

@@ -1,0 +1,390 @@
+"""Per-video extraction of RGB frames (and optical flow) into frame folders, resumably.
+
+A video is built in OUT/.partial/<video_id>, its completion marker `.done` written last, then the
+folder is renamed into place: a kill at any moment leaves either a finished folder or nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from flowprep.decode import VideoError, iter_frames, probe
+from flowprep.manifest import VideoEntry
+
+PARTIAL_DIR = ".partial"
+MARKER = ".done"
+META = "meta.json"
+FAILURES = "failures.jsonl"
+INDEX_BASE = 1
+MODALITIES = ("rgb", "flow", "both")
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """Everything that changes what extraction writes; its hash guards resume."""
+
+    short_side: int = 256  # resize so the short side has this length; 0 keeps the source size
+    jpeg_quality: int = 95  # JPEG quality of RGB and flow images (denseflow and cv2 default)
+    modality: str = "rgb"  # rgb | flow | both
+    flow_backend: str = "torch"  # torch | opencv (flowprep.flow.compute_flow backends)
+    flow_bound: float = 20.0  # flow is clipped to +-bound px before quantization (papers: 20)
+    flow_format: str = "jpeg"  # jpeg (quantized, flow_x/flow_y) | npy (raw float32 per pair)
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg quality must be 1..100, got {self.jpeg_quality}")
+        if self.short_side < 0:
+            raise ValueError(f"short side must be >= 0, got {self.short_side}")
+        if self.flow_bound <= 0:
+            raise ValueError(f"flow bound must be > 0, got {self.flow_bound}")
+        if self.flow_format not in ("jpeg", "npy"):
+            raise ValueError(f"flow format must be jpeg or npy, got {self.flow_format!r}")
+
+    @property
+    def wants_rgb(self) -> bool:
+        return self.modality in ("rgb", "both")
+
+    @property
+    def wants_flow(self) -> bool:
+        return self.modality in ("flow", "both")
+
+    def to_dict(self) -> dict:
+        """The settings that shape the output (flow ones only when flow is written)."""
+        data = asdict(self)
+        if not self.wants_flow:
+            for key in ("flow_backend", "flow_bound", "flow_format"):
+                data.pop(key)
+        return data
+
+    def digest(self) -> str:
+        """A short stable hash of `to_dict()`, stored in every marker and meta.json."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How to run, not what to write: these never invalidate finished videos."""
+
+    device: str = "auto"  # flow device: auto | cpu | cuda
+    flow_batch: int = 8  # frame pairs per compute_flow call
+    threads: int = 0  # decoder threads per video (0 = FFmpeg's choice)
+
+
+@dataclass
+class VideoResult:
+    """The outcome of one video: done now, skipped (already done), or failed with a reason."""
+
+    video_id: str
+    status: str  # done | skipped | failed
+    num_frames: int = 0
+    reason: str = ""
+    source: str = ""
+    label_index: int | None = None
+    splits: dict[str, str] = field(default_factory=dict)
+
+
+def source_identity(path: Path) -> dict:
+    """Size and modification time of a source video, so a replaced file is redone."""
+    st = path.stat()
+    return {"source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
+
+
+def is_done(out_dir: Path, settings: ExtractSettings, source: Path) -> bool:
+    """True when `out_dir` holds a finished video made with these settings from this file."""
+    marker = out_dir / MARKER
+    try:
+        data = json.loads(marker.read_text())
+        return data.get("settings_hash") == settings.digest() and all(
+            data.get(k) == v for k, v in source_identity(source).items()
+        )
+    except (OSError, ValueError):
+        return False
+
+
+def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+    """JPEG bytes of an (H, W) gray or (H, W, 3) RGB uint8 image.
+
+    OpenCV's libjpeg is deterministic, which the byte-identical resume relies on.
+    """
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise VideoError(f"JPEG encoding failed for a {image.shape} frame")
+    return buf.tobytes()
+
+
+def frame_name(kind: str, index: int) -> str:
+    """File name of 0-based frame `index`: img_00001.jpg, flow_x_00001.jpg, flow_00001.npy."""
+    ext = "npy" if kind == "flow" else "jpg"
+    return f"{kind}_{index + INDEX_BASE:05d}.{ext}"
+
+
+class FlowWriter:
+    """Batch consecutive grayscale frames into pairs and write flow k (frame k -> frame k+1).
+
+    Only `flow_batch` + 1 frames are held at once, so long videos stream through in bounded memory.
+    """
+
+    def __init__(self, folder: Path, settings: ExtractSettings, options: RuntimeOptions):
+        from flowprep.flow import compute_flow  # flow pulls in torch: import only when needed
+        from flowprep.quantize import quantize_flow
+
+        self.folder, self.settings, self.options = folder, settings, options
+        self._compute, self._quantize = compute_flow, quantize_flow
+        self.pending: list[np.ndarray] = []
+        self.written = 0
+
+    def add(self, rgb: np.ndarray) -> None:
+        self.pending.append(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+        if len(self.pending) > self.options.flow_batch:
+            self.flush()
+
+    def flush(self) -> None:
+        if len(self.pending) < 2:
+            return
+        frames = np.stack(self.pending)
+        flow = self._compute(
+            frames[:-1], frames[1:], backend=self.settings.flow_backend, device=self.options.device
+        )
+        for pair in np.asarray(flow, dtype=np.float32):
+            self._write(pair)
+        self.pending = self.pending[-1:]
+
+    def _write(self, pair: np.ndarray) -> None:
+        s = self.settings
+        if s.flow_format == "npy":
+            np.save(self.folder / frame_name("flow", self.written), pair)
+        else:
+            q = self._quantize(pair, s.flow_bound)
+            for channel, kind in enumerate(("flow_x", "flow_y")):
+                data = encode_jpeg(np.ascontiguousarray(q[..., channel]), s.jpeg_quality)
+                (self.folder / frame_name(kind, self.written)).write_bytes(data)
+        self.written += 1
+
+
+def _write_frames(
+    source: Path, folder: Path, settings: ExtractSettings, options: RuntimeOptions
+) -> dict:
+    """Decode `source` into `folder`; return the counts and sizes for meta.json."""
+    flow = FlowWriter(folder, settings, options) if settings.wants_flow else None
+    count, shape = 0, (0, 0)
+    for rgb in iter_frames(source, short_side=settings.short_side, threads=options.threads):
+        if settings.wants_rgb:
+            (folder / frame_name("img", count)).write_bytes(encode_jpeg(rgb, settings.jpeg_quality))
+        if flow is not None:
+            flow.add(rgb)
+        shape = rgb.shape[:2]
+        count += 1
+    if flow is not None:
+        flow.flush()
+    return {
+        "num_frames": count,
+        "height": shape[0],
+        "width": shape[1],
+        "num_flows": flow.written if flow else 0,
+    }
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """Write JSON to a temporary name in the same folder, fsync, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def extract_video(
+    entry: VideoEntry,
+    video_root: Path,
+    out_root: Path,
+    settings: ExtractSettings,
+    options: RuntimeOptions = RuntimeOptions(),
+    force: bool = False,
+) -> VideoResult:
+    """Extract one video into out_root/<video_id>/, or skip it when already done.
+
+    Never raises for a bad video: the failure and its one-line reason are in the result, and
+    an earlier finished output of the same video is left untouched.
+    """
+    source = Path(video_root) / entry.path
+    final = Path(out_root) / entry.video_id
+    result = VideoResult(
+        entry.video_id,
+        "done",
+        source=entry.path,
+        label_index=entry.label_index,
+        splits=dict(entry.splits),
+    )
+    if not force and source.exists() and is_done(final, settings, source):
+        result.status = "skipped"
+        result.num_frames = json.loads((final / META).read_text())["num_frames"]
+        return result
+    staging = Path(out_root) / PARTIAL_DIR / entry.video_id
+    try:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        info = probe(source)
+        counts = _write_frames(source, staging, settings, options)
+        meta = {
+            "video_id": entry.video_id,
+            "source": entry.path,
+            "label": entry.label,
+            "label_index": entry.label_index,
+            "source_width": info.width,
+            "source_height": info.height,
+            "source_fps": info.fps,
+            "source_frames": info.declared_frames,
+            "source_codec": info.codec,
+            **counts,
+            "index_base": INDEX_BASE,
+            "flow_bound": settings.flow_bound if settings.wants_flow else None,
+            "flow_format": settings.flow_format if settings.wants_flow else None,
+            "flow_pairing": "flow k is frame k -> frame k+1" if settings.wants_flow else None,
+            "settings": settings.to_dict(),
+            "settings_hash": settings.digest(),
+        }
+        write_json_atomic(staging / META, meta)
+        write_json_atomic(
+            staging / MARKER, {"settings_hash": settings.digest(), **source_identity(source)}
+        )
+        _swap_into_place(staging, final)
+        result.num_frames = counts["num_frames"]
+    except VideoError as exc:
+        result.status, result.reason = "failed", str(exc)
+    except Exception as exc:  # noqa: BLE001 - one bad video must not stop the batch
+        result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return result
+
+
+def _swap_into_place(staging: Path, final: Path) -> None:
+    """Rename the finished staging folder to `final`, replacing an older version of it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        old = staging.with_name(staging.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(staging, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(staging, final)
+
+
+def plan(entries: list[VideoEntry]) -> tuple[list[VideoEntry], list[VideoResult]]:
+    """Split entries into unique work and failures for ids that two sources share."""
+    seen: dict[str, VideoEntry] = {}
+    clashes = []
+    for entry in entries:
+        if entry.video_id in seen:
+            clashes.append(
+                VideoResult(
+                    entry.video_id,
+                    "failed",
+                    source=entry.path,
+                    reason=f"video id also used by {seen[entry.video_id].path}",
+                )
+            )
+        else:
+            seen[entry.video_id] = entry
+    return list(seen.values()), clashes
+
+
+def write_reports(out_root: Path, results: list[VideoResult]) -> None:
+    """Write failures.jsonl and mmaction2-style `<split>_split<N>.txt` lists, sorted, atomically."""
+    out_root = Path(out_root)
+    ordered = sorted(results, key=lambda r: (r.video_id, r.source))
+    failures = [r for r in ordered if r.status == "failed"]
+    _write_text_atomic(
+        out_root / FAILURES,
+        "".join(
+            json.dumps({"video_id": r.video_id, "source": r.source, "reason": r.reason}) + "\n"
+            for r in failures
+        ),
+    )
+    good = [r for r in ordered if r.status != "failed"]
+    lists: dict[str, list[str]] = {}
+    for r in good:
+        line = f"{r.video_id} {r.num_frames} {-1 if r.label_index is None else r.label_index}\n"
+        if not r.splits:
+            lists.setdefault("all.txt", []).append(line)
+        for split, kind in r.splits.items():
+            if kind in ("train", "test"):
+                lists.setdefault(f"{kind}_split{split}.txt", []).append(line)
+    for name, lines in lists.items():
+        _write_text_atomic(out_root / name, "".join(lines))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_batch(
+    entries: list[VideoEntry],
+    video_root: Path,
+    out_root: Path,
+    settings: ExtractSettings,
+    *,
+    options: RuntimeOptions = RuntimeOptions(),
+    jobs: int = 1,
+    force: bool = False,
+    strict: bool = False,
+    mapper: Callable[..., Iterator[VideoResult]] | None = None,
+    on_result: Callable[[VideoResult], None] | None = None,
+) -> list[VideoResult]:
+    """Extract every entry with `jobs` parallel workers, then write the reports.
+
+    `mapper(function, argument tuples)` yields results in any order (default: joblib); with
+    `strict`, the batch stops at the first failure. Results come back sorted by video id.
+    """
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out_root / PARTIAL_DIR, ignore_errors=True)  # leftovers of a killed run
+    work, results = plan(entries)
+    args = [(e, Path(video_root), out_root, settings, options, force) for e in work]
+    for result in (mapper or joblib_mapper(jobs))(extract_video, args):
+        results.append(result)
+        if on_result:
+            on_result(result)
+        if strict and result.status == "failed":
+            break
+    shutil.rmtree(out_root / PARTIAL_DIR, ignore_errors=True)
+    write_reports(out_root, results)
+    return sorted(results, key=lambda r: r.video_id)
+
+
+def joblib_mapper(jobs: int) -> Callable[..., Iterator[VideoResult]]:
+    """Map with joblib processes (inline when jobs == 1), yielding results as they finish."""
+
+    def mapper(
+        function: Callable[..., VideoResult], arg_list: list[tuple]
+    ) -> Iterator[VideoResult]:
+        if jobs == 1:
+            yield from (function(*a) for a in arg_list)
+            return
+        from joblib import Parallel, delayed
+
+        parallel = Parallel(n_jobs=jobs, return_as="generator_unordered")
+        yield from parallel(delayed(function)(*a) for a in arg_list)
+
+    return mapper

@@ -1,0 +1,231 @@
+"""Video manifests from UCF101 / HMDB51 split files or a folder-per-class tree.
+
+A manifest is JSON lines, one video each: id, path relative to the video root, label name,
+0-based label index and, per official split, whether the video is train, test or unused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+
+VIDEO_EXTENSIONS = (
+    ".avi",
+    ".mp4",
+    ".mkv",
+    ".webm",
+    ".mov",
+    ".m4v",
+    ".mpg",
+    ".mpeg",
+    ".flv",
+    ".wmv",
+)
+SPLITS = ("1", "2", "3")
+
+
+class ManifestError(ValueError):
+    """A split file or manifest that cannot be used; the message names the file and the cause."""
+
+
+@dataclass
+class VideoEntry:
+    """One video of a corpus: where it is and how the official splits use it."""
+
+    video_id: str  # path without extension, "/"-separated; names the output folder
+    path: str  # relative to the video root, "/"-separated
+    label: str | None = None
+    label_index: int | None = None  # 0-based
+    splits: dict[str, str] = field(default_factory=dict)  # split number -> train|test|unused
+
+
+def safe_relative_path(raw: str, *, where: str) -> str:
+    """Return `raw` as a normalised relative posix path that cannot leave the video root.
+
+    Split files are user input: absolute paths and `..` components are rejected with a
+    one-line ManifestError naming `where` (file:line). The check is lexical on purpose, so a
+    corpus whose class folders are symlinks to other disks still indexes.
+    """
+    text = raw.strip().replace("\\", "/")
+    posix = PurePosixPath(text)
+    if not text or posix.is_absolute() or re.match(r"^[A-Za-z]:", text):
+        raise ManifestError(
+            f"{where}: path {raw!r} is absolute; split files must list relative paths"
+        )
+    if ".." in posix.parts:
+        raise ManifestError(f"{where}: path {raw!r} leaves the video root ('..' is not allowed)")
+    return str(posix)
+
+
+def video_id_for(rel_path: str) -> str:
+    """The output id of a video: its relative path without the extension."""
+    return str(PurePosixPath(rel_path).with_suffix(""))
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    text = path.read_text(encoding="utf-8", errors="strict")
+    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def read_ucf101_classes(class_file: Path) -> dict[str, int]:
+    """Parse classInd.txt ("1 ApplyEyeMakeup") into {class name: 0-based index}."""
+    classes: dict[str, int] = {}
+    for n, line in _read_lines(class_file):
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise ManifestError(f"{class_file}:{n}: expected '<1-based id> <class>', got {line!r}")
+        classes[parts[1]] = int(parts[0]) - 1
+    if sorted(classes.values()) != list(range(len(classes))):
+        raise ManifestError(f"{class_file}: class ids are not 1..{len(classes)} without gaps")
+    return classes
+
+
+def index_ucf101(split_dir: Path) -> list[VideoEntry]:
+    """Manifest from UCF101's classInd.txt, trainlist0N.txt and testlist0N.txt (N = 1..3).
+
+    Labels come from classInd (1-based in the file, 0-based here, as mmaction2 does); the class
+    of a listed video is the folder in its path. Videos a split does not list are "unused" there.
+    """
+    classes = read_ucf101_classes(split_dir / "classInd.txt")
+    entries: dict[str, VideoEntry] = {}
+    present = [s for s in SPLITS if (split_dir / f"trainlist0{s}.txt").exists()]
+    if not present:
+        raise ManifestError(f"{split_dir}: no trainlist01.txt next to classInd.txt")
+    for split in present:
+        for kind in ("train", "test"):
+            list_file = split_dir / f"{kind}list0{split}.txt"
+            if not list_file.exists():
+                raise ManifestError(f"{list_file}: missing (its trainlist exists)")
+            for n, line in _read_lines(list_file):
+                where = f"{list_file}:{n}"
+                rel = safe_relative_path(line.split()[0], where=where)
+                label = PurePosixPath(rel).parts[0] if len(PurePosixPath(rel).parts) > 1 else None
+                if label not in classes:
+                    raise ManifestError(
+                        f"{where}: class {label!r} of {rel!r} is not in classInd.txt"
+                    )
+                entry = entries.setdefault(
+                    rel, VideoEntry(video_id_for(rel), rel, label, classes[label])
+                )
+                entry.splits[split] = kind
+    for entry in entries.values():
+        for split in present:
+            entry.splits.setdefault(split, "unused")
+    return sorted(entries.values(), key=lambda e: e.video_id)
+
+
+_HMDB_SPLIT = re.compile(r"^(?P<label>.+)_test_split(?P<split>[123])\.txt$")
+_HMDB_KIND = {"0": "unused", "1": "train", "2": "test"}
+
+
+def index_hmdb51(split_dir: Path) -> list[VideoEntry]:
+    """Manifest from HMDB51's <class>_test_split{1,2,3}.txt (1 = train, 2 = test, 0 = unused).
+
+    Label indices follow the sorted class names, as mmaction2 does; videos live in <class>/.
+    """
+    files = sorted(p for p in split_dir.iterdir() if _HMDB_SPLIT.match(p.name))
+    if not files:
+        raise ManifestError(f"{split_dir}: no <class>_test_split<N>.txt files")
+    labels = sorted({_HMDB_SPLIT.match(p.name)["label"] for p in files})  # type: ignore[index]
+    index = {name: i for i, name in enumerate(labels)}
+    entries: dict[str, VideoEntry] = {}
+    for path in files:
+        m = _HMDB_SPLIT.match(path.name)
+        assert m is not None
+        label, split = m["label"], m["split"]
+        for n, line in _read_lines(path):
+            parts = line.split()
+            if len(parts) != 2 or parts[1] not in _HMDB_KIND:
+                raise ManifestError(f"{path}:{n}: expected '<video file> <0|1|2>', got {line!r}")
+            rel = safe_relative_path(f"{label}/{parts[0]}", where=f"{path}:{n}")
+            entry = entries.setdefault(rel, VideoEntry(video_id_for(rel), rel, label, index[label]))
+            entry.splits[split] = _HMDB_KIND[parts[1]]
+    return sorted(entries.values(), key=lambda e: e.video_id)
+
+
+def find_videos(root: Path) -> list[str]:
+    """Relative posix paths of every video file under `root`, sorted (symlinks followed)."""
+    found = []
+    for dirpath, _dirs, files in os.walk(root, followlinks=True):
+        for name in files:
+            if name.lower().endswith(VIDEO_EXTENSIONS):
+                found.append(Path(dirpath, name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def index_folder(video_root: Path) -> list[VideoEntry]:
+    """Manifest of a folder-per-class tree: the first folder of each path is its class.
+
+    Videos directly in the root get no label (a plain folder of videos). No splits are known.
+    """
+    paths = find_videos(video_root)
+    labels = sorted({PurePosixPath(p).parts[0] for p in paths if len(PurePosixPath(p).parts) > 1})
+    index = {name: i for i, name in enumerate(labels)}
+    entries = []
+    for rel in paths:
+        parts = PurePosixPath(rel).parts
+        label = parts[0] if len(parts) > 1 else None
+        entries.append(VideoEntry(video_id_for(rel), rel, label, index.get(label)))  # type: ignore[arg-type]
+    return entries
+
+
+def detect_format(split_dir: Path | None) -> str:
+    """Which split layout `split_dir` holds: "ucf101", "hmdb51" or "folder" (no split files)."""
+    if split_dir is None:
+        return "folder"
+    if (split_dir / "classInd.txt").exists():
+        return "ucf101"
+    if any(_HMDB_SPLIT.match(p.name) for p in split_dir.iterdir()):
+        return "hmdb51"
+    raise ManifestError(
+        f"{split_dir}: neither classInd.txt (UCF101) nor *_test_split1.txt (HMDB51)"
+    )
+
+
+def build_manifest(
+    video_root: Path, split_dir: Path | None = None, fmt: str = "auto"
+) -> list[VideoEntry]:
+    """Index a corpus in the layout `fmt` (auto-detected from `split_dir` by default)."""
+    video_root = Path(video_root)
+    if not video_root.is_dir():
+        raise ManifestError(f"{video_root}: video root is not a directory")
+    fmt = detect_format(split_dir) if fmt == "auto" else fmt
+    if fmt == "folder":
+        return index_folder(video_root)
+    if split_dir is None:
+        raise ManifestError(f"format {fmt!r} needs the folder holding its split files (--splits)")
+    return {"ucf101": index_ucf101, "hmdb51": index_hmdb51}[fmt](Path(split_dir))
+
+
+def write_manifest(entries: Iterable[VideoEntry], path: Path) -> None:
+    """Write entries as JSON lines, atomically (temporary name, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for entry in entries:
+            f.write(json.dumps(asdict(entry), sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(path: Path) -> list[VideoEntry]:
+    """Read a JSON-lines manifest; a malformed line is a one-line ManifestError."""
+    entries = []
+    for n, line in _read_lines(Path(path)):
+        try:
+            raw = json.loads(line)
+            entries.append(
+                VideoEntry(
+                    video_id=str(raw["video_id"]),
+                    path=str(raw["path"]),
+                    label=raw.get("label"),
+                    label_index=raw.get("label_index"),
+                    splits={str(k): str(v) for k, v in (raw.get("splits") or {}).items()},
+                )
+            )
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ManifestError(f"{path}:{n}: not a manifest line ({exc})") from None
+    return entries

@@ -1,0 +1,251 @@
+"""`flowprep extract`: frame folders, metadata, split lists, failures, resume and kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bad_videos import SHARED, make_bad_videos
+from click.testing import CliRunner
+from PIL import Image
+
+from flowprep.cli import EXIT_SOME_FAILED, main
+from flowprep.extract import ExtractSettings, extract_video, run_batch
+from flowprep.manifest import VideoEntry, build_manifest, write_manifest
+from pipelines.synthetic import moving_shapes, write_video
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under root (dot-files included) -> its bytes."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """A folder-per-class corpus: normal, 1-frame, odd-sized and portrait clips."""
+    root = tmp_path / "videos"
+    write_video(root / "walk" / "moving.avi", moving_shapes(12, 120, 160, seed=0))
+    write_video(root / "walk" / "single.mp4", moving_shapes(1, 64, 64, seed=1), codec="libx264")
+    write_video(root / "wave" / "odd.mkv", moving_shapes(5, 61, 97, seed=2), codec="ffv1")
+    write_video(root / "wave" / "portrait.mp4", moving_shapes(4, 160, 90, seed=3), codec="libx264")
+    return root
+
+
+def test_extract_writes_frames_meta_and_lists(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["extract", str(corpus), "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "4 succeeded (4 extracted, 0 already done), 0 failed" in result.output
+    expected = {
+        "walk/moving": (12, 256, 341),
+        "walk/single": (1, 256, 256),
+        "wave/odd": (5, 256, 407),
+        "wave/portrait": (4, 455, 256),
+    }
+    for vid, (frames, height, width) in expected.items():
+        folder = out / vid
+        names = sorted(p.name for p in folder.glob("img_*.jpg"))
+        assert names == [f"img_{i:05d}.jpg" for i in range(1, frames + 1)]
+        assert Image.open(folder / names[-1]).size == (width, height)
+        meta = json.loads((folder / "meta.json").read_text())
+        assert (meta["num_frames"], meta["height"], meta["width"], meta["index_base"]) == (
+            frames,
+            height,
+            width,
+            1,
+        )
+        assert meta["label"] == vid.split("/")[0] and meta["source"].startswith(vid)
+    assert (out / "all.txt").read_text().splitlines() == [
+        "walk/moving 12 0",
+        "walk/single 1 0",
+        "wave/odd 5 1",
+        "wave/portrait 4 1",
+    ]
+    assert (out / "failures.jsonl").read_text() == ""
+    assert not (out / ".partial").exists()
+
+
+def test_frames_match_source_pixels(tmp_path: Path) -> None:
+    frames = moving_shapes(3, 64, 96, seed=5)
+    write_video(tmp_path / "v" / "a.mkv", frames, codec="ffv1")
+    run_batch(
+        [VideoEntry("a", "a.mkv")],
+        tmp_path / "v",
+        tmp_path / "o",
+        ExtractSettings(short_side=0, jpeg_quality=100),
+    )
+    img = np.asarray(Image.open(tmp_path / "o" / "a" / "img_00002.jpg")).astype(int)
+    errors = [np.abs(img - f).mean() for f in frames]  # JPEG's 4:2:0 chroma costs ~2.6 levels
+    assert errors[1] < 3.5 and errors[1] < min(errors[0], errors[2]) / 3  # img_00002 = frame 1
+
+
+def test_bad_inputs_are_reported_and_batch_goes_on(corpus: Path, tmp_path: Path) -> None:
+    reasons = make_bad_videos(corpus / "broken")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["extract", str(corpus), "-o", str(out), "-q"])
+    assert result.exit_code == EXIT_SOME_FAILED
+    failures = {
+        json.loads(line)["source"]: json.loads(line)["reason"]
+        for line in (out / "failures.jsonl").read_text().splitlines()
+    }
+    present = {f"broken/{n}": r for n, r in reasons.items() if (corpus / "broken" / n).exists()}
+    assert set(failures) == set(present)
+    for source, reason in present.items():
+        assert reason in failures[source]
+    assert "4 succeeded (4 extracted, 0 already done), 5 failed" in result.output
+    assert (
+        f"failed: {next(iter(sorted(present)))}" in result.output
+        or "failed: broken/" in result.output
+    )
+    assert not (out / "broken").exists() and len(list(out.glob("*/*/img_00001.jpg"))) == 4
+
+
+def test_strict_stops_at_first_failure(tmp_path: Path) -> None:
+    make_bad_videos(tmp_path / "v")
+    result = CliRunner().invoke(
+        main, ["extract", str(tmp_path / "v"), "-o", str(tmp_path / "o"), "-q", "--strict"]
+    )
+    assert result.exit_code == EXIT_SOME_FAILED
+    assert "0 succeeded (0 extracted, 0 already done), 1 failed" in result.output
+    assert "--strict" in result.output
+
+
+def test_manifest_with_missing_video_and_splits(tmp_path: Path) -> None:
+    write_video(tmp_path / "v" / "run" / "a.avi", moving_shapes(3, 32, 32))
+    entries = [
+        VideoEntry("run/a", "run/a.avi", "run", 0, {"1": "train", "2": "test"}),
+        VideoEntry("run/gone", "run/gone.avi", "run", 0, {"1": "test", "2": "train"}),
+    ]
+    write_manifest(entries, tmp_path / "v" / "manifest.jsonl")
+    out = tmp_path / "o"
+    result = CliRunner().invoke(
+        main, ["extract", str(tmp_path / "v" / "manifest.jsonl"), "-o", str(out), "-q"]
+    )
+    assert result.exit_code == EXIT_SOME_FAILED
+    assert (out / "train_split1.txt").read_text() == "run/a 3 0\n"
+    assert (out / "test_split2.txt").read_text() == "run/a 3 0\n"
+    assert not (out / "test_split1.txt").exists()
+    assert json.loads((out / "failures.jsonl").read_text()) == {
+        "video_id": "run/gone",
+        "source": "run/gone.avi",
+        "reason": "file not found",
+    }
+
+
+def test_resume_skips_done_redoes_partial_and_changed(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    entries = build_manifest(corpus)
+    settings = ExtractSettings()
+    run_batch(entries, corpus, out, settings)
+    before = tree_bytes(out)
+    stamp = (out / "walk/moving/img_00001.jpg").stat().st_mtime_ns
+    (out / "wave/odd/.done").unlink()  # as if killed before its marker
+    (out / "wave/odd/img_00003.jpg").write_bytes(b"half")
+    results = {r.video_id: r.status for r in run_batch(entries, corpus, out, settings)}
+    assert results == {
+        "walk/moving": "skipped",
+        "walk/single": "skipped",
+        "wave/odd": "done",
+        "wave/portrait": "skipped",
+    }
+    assert tree_bytes(out) == before
+    assert (out / "walk/moving/img_00001.jpg").stat().st_mtime_ns == stamp
+    smaller = ExtractSettings(short_side=128)
+    assert {r.status for r in run_batch(entries, corpus, out, smaller)} == {"done"}
+    assert Image.open(out / "walk/moving/img_00001.jpg").size == (171, 128)
+    assert {r.status for r in run_batch(entries, corpus, out, smaller, force=True)} == {"done"}
+
+
+def test_failed_redo_keeps_earlier_output(tmp_path: Path) -> None:
+    video = write_video(tmp_path / "v" / "a.avi", moving_shapes(4, 32, 32))
+    entry = VideoEntry("a", "a.avi")
+    assert extract_video(entry, tmp_path / "v", tmp_path / "o", ExtractSettings()).status == "done"
+    before = tree_bytes(tmp_path / "o" / "a")
+    video.write_bytes(b"corrupted in place")
+    result = extract_video(entry, tmp_path / "v", tmp_path / "o", ExtractSettings())
+    assert (result.status, result.reason.split(" (")[0]) == (
+        "failed",
+        "not a readable video container",
+    )
+    assert tree_bytes(tmp_path / "o" / "a") == before
+
+
+def test_bad_source_and_options_are_one_line(tmp_path: Path) -> None:
+    bogus = tmp_path / "clip.avi"
+    bogus.write_bytes(bytes(range(256)) * 4)
+    result = CliRunner().invoke(main, ["extract", str(bogus), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: {bogus}: not a manifest (binary file); pass a manifest from "
+        "`flowprep index` or a folder of videos\n"
+    )
+    result = CliRunner().invoke(main, ["extract", str(tmp_path), "-o", "o", "--quality", "0"])
+    assert result.exit_code == 2 and "--quality" in result.output
+
+
+def test_every_command_and_option_has_help() -> None:
+    for name, command in main.commands.items():
+        result = CliRunner().invoke(main, [name, "--help"])
+        assert result.exit_code == 0, name
+        for param in command.params:
+            if param.param_type_name == "option" and param.name != "help":
+                assert param.help, f"{name} {param.name} has no help"
+                assert param.opts[0] in result.output
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="shared sample data not present")
+def test_real_clips_extract(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    results = run_batch(
+        build_manifest(SHARED / "videos"), SHARED / "videos", out, ExtractSettings()
+    )
+    assert [(r.video_id, r.status, r.num_frames) for r in results] == [
+        ("Megamind", "done", 270),
+        ("Megamind_bugy", "done", 270),
+        ("tree", "done", 68),
+    ]
+    meta = json.loads((out / "Megamind_bugy" / "meta.json").read_text())
+    assert (meta["source_fps"], meta["width"], meta["height"]) == (30.0, 349, 256)
+
+
+def _flowprep(*args: str) -> list[str]:
+    return [sys.executable, "-m", "flowprep", *args]
+
+
+def test_kill_9_then_rerun_is_byte_identical(tmp_path: Path) -> None:
+    root = tmp_path / "v"
+    for i in range(8):
+        write_video(root / f"c{i % 2}" / f"clip{i}.avi", moving_shapes(40, 240, 320, seed=i))
+    reference = tmp_path / "ref"
+    subprocess.run(_flowprep("extract", str(root), "-o", str(reference), "-q"), check=True)
+    out = tmp_path / "out"
+    for wait_for_done in (1, 4):  # kill twice: early, then part-way through the rerun
+        proc = subprocess.Popen(
+            _flowprep("extract", str(root), "-o", str(out), "-q"), stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 60
+        while len(list(out.glob("*/*/.done"))) < wait_for_done and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert len(list(out.glob("*/*/.done"))) < 8, "finished before the kill: test proves nothing"
+    done = subprocess.run(
+        _flowprep("extract", str(root), "-o", str(out), "-q"),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "already done" in done.stderr
+    assert tree_bytes(out) == tree_bytes(reference)

@@ -1,0 +1,110 @@
+"""Manifests from UCF101 / HMDB51 split files and folder trees, and their path safety."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from flowprep.cli import main
+from flowprep.manifest import ManifestError, build_manifest, read_manifest, write_manifest
+
+
+def _touch(root: Path, rel: str) -> None:
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes(b"x")
+
+
+@pytest.fixture
+def ucf(tmp_path: Path) -> tuple[Path, Path]:
+    videos, splits = tmp_path / "UCF-101", tmp_path / "ucfTrainTestlist"
+    splits.mkdir()
+    (splits / "classInd.txt").write_text("1 ApplyEyeMakeup\n2 Archery\n3 BabyCrawling\n")
+    names = {
+        c: [f"{c}/v_{c}_g0{g}_c01.avi" for g in (1, 2, 3)]
+        for c in ("ApplyEyeMakeup", "Archery", "BabyCrawling")
+    }
+    for rels in names.values():
+        for rel in rels:
+            _touch(videos, rel)
+    for split in "123":
+        g_test = int(split)  # group N is the test group of split N
+        train = [r for rs in names.values() for r in rs if f"_g0{g_test}_" not in r]
+        test = [r for rs in names.values() for r in rs if f"_g0{g_test}_" in r]
+        (splits / f"trainlist0{split}.txt").write_text(
+            "".join(f"{r} {1 + list(names).index(r.split('/')[0])}\n" for r in train[:-1])
+        )
+        (splits / f"testlist0{split}.txt").write_text("".join(f"{r}\r\n" for r in test))
+    return videos, splits
+
+
+def test_ucf101_labels_are_zero_based_and_splits_complete(ucf: tuple[Path, Path]) -> None:
+    videos, splits = ucf
+    entries = {e.video_id: e for e in build_manifest(videos, splits)}
+    assert len(entries) == 9
+    e = entries["Archery/v_Archery_g02_c01"]
+    assert (e.label, e.label_index, e.path) == ("Archery", 1, "Archery/v_Archery_g02_c01.avi")
+    assert e.splits == {"1": "train", "2": "test", "3": "train"}
+    assert entries["ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01"].label_index == 0
+    # the last train video of each split was left out of its trainlist: unused there
+    assert entries["BabyCrawling/v_BabyCrawling_g03_c01"].splits["1"] == "unused"
+    assert entries["BabyCrawling/v_BabyCrawling_g03_c01"].splits["3"] == "test"
+
+
+@pytest.mark.parametrize(
+    "bad, cause",
+    [("../../etc/passwd.avi", "leaves the video root"), ("/etc/passwd.avi", "is absolute")],
+)
+def test_ucf101_rejects_paths_outside_root(ucf: tuple[Path, Path], bad: str, cause: str) -> None:
+    videos, splits = ucf
+    with open(splits / "testlist02.txt", "a") as f:
+        f.write(f"{bad}\n")
+    with pytest.raises(ManifestError) as err:
+        build_manifest(videos, splits)
+    assert str(err.value).startswith(f"{splits / 'testlist02.txt'}:4: path ")
+    assert cause in str(err.value)
+    result = CliRunner().invoke(main, ["index", str(videos), "-s", str(splits), "-o", "m.jsonl"])
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and cause in result.output
+
+
+def test_hmdb51_split_codes(tmp_path: Path) -> None:
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    for label in ("wave", "brush_hair"):
+        for split in "123":
+            (splits / f"{label}_test_split{split}.txt").write_text(
+                f"{label}_a.avi 1 \n{label}_b.avi {split if split != '3' else 0} \n"
+            )
+    entries = {e.video_id: e for e in build_manifest(tmp_path, splits)}
+    assert entries["brush_hair/brush_hair_a"].label_index == 0  # sorted class names
+    assert entries["wave/wave_b"].label_index == 1
+    assert entries["wave/wave_b"].splits == {"1": "train", "2": "test", "3": "unused"}
+    assert entries["wave/wave_a"].path == "wave/wave_a.avi"
+
+
+def test_folder_tree_and_round_trip(tmp_path: Path) -> None:
+    for rel in ("run/a.mp4", "jump/b.avi", "jump/sub/c.mkv", "loose.avi", "notes.txt"):
+        _touch(tmp_path / "v", rel)
+    entries = build_manifest(tmp_path / "v")
+    assert [(e.video_id, e.label, e.label_index) for e in entries] == [
+        ("jump/b", "jump", 0),
+        ("jump/sub/c", "jump", 0),
+        ("loose", None, None),
+        ("run/a", "run", 1),
+    ]
+    write_manifest(entries, tmp_path / "m.jsonl")
+    assert read_manifest(tmp_path / "m.jsonl") == entries
+
+
+def test_bad_class_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "classInd.txt").write_text("1 A\nthree B\n")
+    result = CliRunner().invoke(
+        main, ["index", str(tmp_path), "-s", str(tmp_path), "-o", str(tmp_path / "m.jsonl")]
+    )
+    assert result.exit_code == 1
+    assert (
+        result.output
+        == f"Error: {tmp_path / 'classInd.txt'}:2: expected '<1-based id> <class>', got 'three B'\n"
+    )
