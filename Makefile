@@ -28,7 +28,7 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: $(STAMP)
-	$(BIN)/ruff check flowprep strnet pipelines tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/hadolint Dockerfile
 
 clean:

@@ -10,7 +10,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import cv2
 import numpy as np
 
 from flowprep.decode import VideoError, iter_frames, probe
+from flowprep.flow_service import FlowService, resolve_devices
 from flowprep.manifest import VideoEntry
 
 PARTIAL_DIR = ".partial"
@@ -135,33 +138,61 @@ def frame_name(kind: str, index: int) -> str:
 class FlowWriter:
     """Batch consecutive grayscale frames into pairs and write flow k (frame k -> frame k+1).
 
-    Only `flow_batch` + 1 frames are held at once, so long videos stream through in bounded memory.
+    Chunks are always pairs [k*B, (k+1)*B) of one video, whichever device computes them, so the
+    output does not depend on timing. Up to MAX_INFLIGHT chunks are computed while decoding goes
+    on; only `flow_batch` + 1 frames per chunk are held, so long videos stream in bounded memory.
     """
 
-    def __init__(self, folder: Path, settings: ExtractSettings, options: RuntimeOptions):
-        from flowprep.flow import compute_flow  # flow pulls in torch: import only when needed
-        from flowprep.quantize import quantize_flow
+    MAX_INFLIGHT = 2
+
+    def __init__(
+        self,
+        folder: Path,
+        settings: ExtractSettings,
+        options: RuntimeOptions,
+        service: FlowService | None = None,
+    ):
+        from flowprep.quantize import quantize_flow  # flow pulls in torch: import only when needed
 
         self.folder, self.settings, self.options = folder, settings, options
-        self._compute, self._quantize = compute_flow, quantize_flow
+        self._quantize = quantize_flow
+        self._submit = service.submit if service is not None else self._compute_here
         self.pending: list[np.ndarray] = []
+        self.inflight: deque[Future] = deque()
         self.written = 0
+
+    def _compute_here(self, prev: np.ndarray, nxt: np.ndarray) -> Future:
+        from flowprep.flow import compute_flow
+
+        future: Future = Future()
+        flow = compute_flow(
+            prev, nxt, backend=self.settings.flow_backend, device=self.options.device
+        )
+        future.set_result(np.asarray(flow, dtype=np.float32))
+        return future
 
     def add(self, rgb: np.ndarray) -> None:
         self.pending.append(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
         if len(self.pending) > self.options.flow_batch:
-            self.flush()
+            self._send()
 
-    def flush(self) -> None:
-        if len(self.pending) < 2:
-            return
-        frames = np.stack(self.pending)
-        flow = self._compute(
-            frames[:-1], frames[1:], backend=self.settings.flow_backend, device=self.options.device
-        )
-        for pair in np.asarray(flow, dtype=np.float32):
+    def _send(self) -> None:
+        if len(self.pending) >= 2:
+            frames = np.stack(self.pending)
+            self.inflight.append(self._submit(frames[:-1], frames[1:]))
+            self.pending = self.pending[-1:]
+        while len(self.inflight) > self.MAX_INFLIGHT:
+            self._write_chunk(self.inflight.popleft().result())
+
+    def finish(self) -> None:
+        """Send the last partial chunk and write every outstanding one, in order."""
+        self._send()
+        while self.inflight:
+            self._write_chunk(self.inflight.popleft().result())
+
+    def _write_chunk(self, flow: np.ndarray) -> None:
+        for pair in flow:
             self._write(pair)
-        self.pending = self.pending[-1:]
 
     def _write(self, pair: np.ndarray) -> None:
         s = self.settings
@@ -176,10 +207,14 @@ class FlowWriter:
 
 
 def _write_frames(
-    source: Path, folder: Path, settings: ExtractSettings, options: RuntimeOptions
+    source: Path,
+    folder: Path,
+    settings: ExtractSettings,
+    options: RuntimeOptions,
+    service: FlowService | None,
 ) -> dict:
     """Decode `source` into `folder`; return the counts and sizes for meta.json."""
-    flow = FlowWriter(folder, settings, options) if settings.wants_flow else None
+    flow = FlowWriter(folder, settings, options, service) if settings.wants_flow else None
     count, shape = 0, (0, 0)
     for rgb in iter_frames(source, short_side=settings.short_side, threads=options.threads):
         if settings.wants_rgb:
@@ -189,7 +224,7 @@ def _write_frames(
         shape = rgb.shape[:2]
         count += 1
     if flow is not None:
-        flow.flush()
+        flow.finish()
     return {
         "num_frames": count,
         "height": shape[0],
@@ -216,6 +251,7 @@ def extract_video(
     settings: ExtractSettings,
     options: RuntimeOptions = RuntimeOptions(),
     force: bool = False,
+    service: FlowService | None = None,
 ) -> VideoResult:
     """Extract one video into out_root/<video_id>/, or skip it when already done.
 
@@ -241,7 +277,7 @@ def extract_video(
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
         info = probe(source)
-        counts = _write_frames(source, staging, settings, options)
+        counts = _write_frames(source, staging, settings, options, service)
         meta = {
             "video_id": entry.video_id,
             "source": entry.path,
@@ -354,20 +390,33 @@ def run_batch(
 ) -> list[VideoResult]:
     """Extract every entry with `jobs` parallel workers, then write the reports.
 
-    `mapper(function, argument tuples)` yields results in any order (default: joblib); with
+    `mapper(function, argument tuples)` yields results in any order. By default RGB and OpenCV
+    flow run in `jobs` joblib processes; torch flow runs `jobs` decoding threads that share one
+    FlowService (a thread per device), so decoding, flow and JPEG encoding overlap. With
     `strict`, the batch stops at the first failure. Results come back sorted by video id.
     """
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out_root / PARTIAL_DIR, ignore_errors=True)  # leftovers of a killed run
     work, results = plan(entries)
-    args = [(e, Path(video_root), out_root, settings, options, force) for e in work]
-    for result in (mapper or joblib_mapper(jobs))(extract_video, args):
-        results.append(result)
-        if on_result:
-            on_result(result)
-        if strict and result.status == "failed":
-            break
+    service = None
+    if mapper is None and settings.wants_flow and settings.flow_backend == "torch":
+        devices = resolve_devices(options.device)
+        service = FlowService(devices, backend="torch")
+        mapper = thread_mapper(max(jobs, 2 * len(devices)))
+    args = [(e, Path(video_root), out_root, settings, options, force, service) for e in work]
+    stream = (mapper or joblib_mapper(jobs))(extract_video, args)
+    try:
+        for result in stream:
+            results.append(result)
+            if on_result:
+                on_result(result)
+            if strict and result.status == "failed":
+                break
+    finally:
+        stream.close()  # stops the workers before the service they may still be using
+        if service is not None:
+            service.close()
     shutil.rmtree(out_root / PARTIAL_DIR, ignore_errors=True)
     write_reports(out_root, results)
     return sorted(results, key=lambda r: r.video_id)
@@ -386,5 +435,26 @@ def joblib_mapper(jobs: int) -> Callable[..., Iterator[VideoResult]]:
 
         parallel = Parallel(n_jobs=jobs, return_as="generator_unordered")
         yield from parallel(delayed(function)(*a) for a in arg_list)
+
+    return mapper
+
+
+def thread_mapper(threads: int) -> Callable[..., Iterator[VideoResult]]:
+    """Map with a thread pool, yielding results as they finish; closing it cancels the rest.
+
+    Threads suit the torch flow path: PyAV decoding, OpenCV resizing/encoding and torch kernels
+    release the GIL, and all threads share one FlowService and its devices.
+    """
+
+    def mapper(
+        function: Callable[..., VideoResult], arg_list: list[tuple]
+    ) -> Iterator[VideoResult]:
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="video")
+        try:
+            futures = [pool.submit(function, *a) for a in arg_list]
+            for future in as_completed(futures):
+                yield future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     return mapper
