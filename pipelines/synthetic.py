@@ -75,3 +75,49 @@ def write_video(
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def class_velocity(label_index: int, num_classes: int, speed: float = 3.0) -> tuple[float, float]:
+    """The motion of class `label_index`: `speed` px/frame in its own direction of the circle."""
+    angle = 2 * np.pi * label_index / num_classes
+    return float(speed * np.cos(angle)), float(speed * np.sin(angle))
+
+
+def write_ucf_like_dataset(
+    root: Path,
+    *,
+    num_classes: int = 4,
+    groups: int = 6,
+    clips_per_group: int = 1,
+    num_frames: int = 24,
+    size: tuple[int, int] = (120, 160),
+    seed: int = 0,
+) -> tuple[Path, Path]:
+    """Write a small dataset in UCF101's layout; return (video root, split folder).
+
+    UCF-101/<Class>/v_<Class>_g<GG>_c<CC>.avi and ucfTrainTestlist/ with classInd.txt and three
+    train/test lists that hold out groups, as UCF101 does. A class is a motion direction, so
+    the motion stream can learn it while single frames carry little label information.
+    """
+    videos, splits = Path(root) / "UCF-101", Path(root) / "ucfTrainTestlist"
+    splits.mkdir(parents=True, exist_ok=True)
+    names = [f"Class{c:02d}" for c in range(num_classes)]
+    (splits / "classInd.txt").write_text("".join(f"{i + 1} {n}\n" for i, n in enumerate(names)))
+    clips = []
+    for c, name in enumerate(names):
+        for g in range(1, groups + 1):
+            for k in range(1, clips_per_group + 1):
+                rel = f"{name}/v_{name}_g{g:02d}_c{k:02d}.avi"
+                vseed = seed * 100_003 + c * 1009 + g * 31 + k
+                frames = moving_shapes(
+                    num_frames, *size, velocity=class_velocity(c, num_classes), seed=vseed
+                )
+                write_video(videos / rel, frames)
+                clips.append((rel, c, g))
+    for split in (1, 2, 3):
+        test_groups = {g for g in range(1, groups + 1) if (g - 1) % 3 == split - 1}
+        train = [f"{rel} {c + 1}\n" for rel, c, g in clips if g not in test_groups]
+        test = [f"{rel}\n" for rel, _c, g in clips if g in test_groups]
+        (splits / f"trainlist0{split}.txt").write_text("".join(train))
+        (splits / f"testlist0{split}.txt").write_text("".join(test))
+    return videos, splits
