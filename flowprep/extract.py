@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from flowprep.atomic import write_json_atomic, write_text_atomic
 from flowprep.decode import VideoError, iter_frames, probe
 from flowprep.flow_service import FlowService, resolve_devices
 from flowprep.manifest import VideoEntry
@@ -233,17 +234,6 @@ def _write_frames(
     }
 
 
-def write_json_atomic(path: Path, data: object) -> None:
-    """Write JSON to a temporary name in the same folder, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def extract_video(
     entry: VideoEntry,
     video_root: Path,
@@ -349,7 +339,7 @@ def write_reports(out_root: Path, results: list[VideoResult]) -> None:
     out_root = Path(out_root)
     ordered = sorted(results, key=lambda r: (r.video_id, r.source))
     failures = [r for r in ordered if r.status == "failed"]
-    _write_text_atomic(
+    write_text_atomic(
         out_root / FAILURES,
         "".join(
             json.dumps({"video_id": r.video_id, "source": r.source, "reason": r.reason}) + "\n"
@@ -366,13 +356,7 @@ def write_reports(out_root: Path, results: list[VideoResult]) -> None:
             if kind in ("train", "test"):
                 lists.setdefault(f"{kind}_split{split}.txt", []).append(line)
     for name, lines in lists.items():
-        _write_text_atomic(out_root / name, "".join(lines))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+        write_text_atomic(out_root / name, "".join(lines))
 
 
 def run_batch(

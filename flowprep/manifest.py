@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
+from flowprep.atomic import write_text_atomic
+
 VIDEO_EXTENSIONS = (
     ".avi",
     ".mp4",
@@ -203,12 +205,8 @@ def build_manifest(
 
 def write_manifest(entries: Iterable[VideoEntry], path: Path) -> None:
     """Write entries as JSON lines, atomically (temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for entry in entries:
-            f.write(json.dumps(asdict(entry), sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    lines = (json.dumps(asdict(entry), sort_keys=True) + "\n" for entry in entries)
+    write_text_atomic(Path(path), "".join(lines))
 
 
 def read_manifest(path: Path) -> list[VideoEntry]:
