@@ -22,6 +22,7 @@ from flowprep.manifest import (
     read_manifest,
     write_manifest,
 )
+from flowprep.viz import viz_command
 
 EXIT_SOME_FAILED = 3
 
@@ -160,6 +161,12 @@ def _load_entries(source: Path, video_root: Path | None) -> tuple[list, Path]:
     help="Frame pairs per flow computation.",
 )
 @click.option(
+    "--flow-compile",
+    is_flag=True,
+    help="torch.compile the TV-L1 iterations: ~2.5x faster on CPU after a one-off compile "
+    "(cached on disk); worth it from ~20 frame pairs on.",
+)
+@click.option(
     "-j",
     "--jobs",
     type=click.IntRange(min=1),
@@ -194,6 +201,7 @@ def extract_command(
     flow_bound: float,
     flow_format: str,
     flow_batch: int,
+    flow_compile: bool,
     jobs: int,
     backend: str,
     scheduler: str | None,
@@ -219,7 +227,9 @@ def extract_command(
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
-    options = RuntimeOptions(device=device, flow_batch=flow_batch, threads=threads)
+    options = RuntimeOptions(
+        device=device, flow_batch=flow_batch, flow_compile=flow_compile, threads=threads
+    )
     bar = tqdm(total=len(entries), unit="video", disable=quiet, dynamic_ncols=True)
     start, frames = time.monotonic(), 0
 
@@ -273,3 +283,4 @@ def dask_mapper(scheduler: str | None, jobs: int):
 
 
 # Commands from other modules are registered below, one line each.
+main.add_command(viz_command, name="viz")

@@ -45,10 +45,12 @@ class FlowService:
         backend: str = "torch",
         compute: ComputeFn | None = None,
         depth: int = 4,
+        compile: bool = False,
     ) -> None:
         if compute is None:
             from flowprep.flow import compute_flow as compute
         self._compute, self._backend = compute, backend
+        self._extra = {"compile": True} if compile else {}
         self._queue: queue.Queue = queue.Queue(maxsize=depth * len(devices))
         self._threads = [
             threading.Thread(target=self._serve, args=(d,), daemon=True, name=f"flow-{d}")
@@ -77,7 +79,7 @@ class FlowService:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                flow = self._compute(prev, nxt, backend=self._backend, device=kind)
+                flow = self._compute(prev, nxt, backend=self._backend, device=kind, **self._extra)
                 future.set_result(np.asarray(flow, dtype=np.float32))
             except BaseException as exc:  # noqa: BLE001 - handed to the video that asked
                 future.set_exception(exc)

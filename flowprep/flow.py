@@ -1,0 +1,178 @@
+"""TV-L1 optical flow of grayscale frame pairs: our batched torch solver or OpenCV's DualTVL1.
+
+`compute_flow` is the one entry point; both backends take OpenCV's parameter names and defaults
+and return flow in OpenCV's convention, prev(x, y) ≈ nxt(x + u, y + v).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from typing import Any
+
+import numpy as np
+
+from flowprep.tvl1 import TVL1Params
+
+BACKENDS = ("torch", "opencv")
+CPU_CHUNK_PIXELS = 1 << 17  # pixels per torch call on the CPU (one 341x256 pair = 87 k)
+_ALIASES = {
+    "lambda": "lambda_",
+    "scaleStep": "scale_step",
+    "innerIterations": "inner_iterations",
+    "outerIterations": "outer_iterations",
+    "medianFiltering": "median_filtering",
+}
+
+
+def make_params(**params: Any) -> TVL1Params:
+    """TVL1Params from keyword arguments, accepting `lambda` and OpenCV's camelCase names.
+
+    Unknown names fail with a one-line ValueError rather than being silently ignored.
+    """
+    known = {f.name for f in fields(TVL1Params)}
+    kwargs = {}
+    for key, value in params.items():
+        name = _ALIASES.get(key, key)
+        if name not in known:
+            raise ValueError(f"unknown TV-L1 parameter {key!r}; known: {sorted(known)}")
+        kwargs[name] = value
+    return TVL1Params(**kwargs)
+
+
+def _as_batch(prev: np.ndarray, nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Validate shapes and return float32 (N, H, W) frames on OpenCV's 0..255 scale.
+
+    uint8 frames are taken as they are; float frames are read as 0..1 and scaled by 255, as
+    OpenCV's DualTVL1 does.
+    """
+    prev, nxt = np.asarray(prev), np.asarray(nxt)
+    if prev.shape != nxt.shape:
+        raise ValueError(f"prev and nxt shapes differ: {prev.shape} vs {nxt.shape}")
+    if prev.ndim not in (2, 3):
+        raise ValueError(f"frames must be (H, W) or (N, H, W) grayscale, got shape {prev.shape}")
+    single = prev.ndim == 2
+    if single:
+        prev, nxt = prev[None], nxt[None]
+    if prev.shape[0] == 0:
+        raise ValueError("no frame pairs given (N = 0)")
+    if min(prev.shape[1:]) < 2:
+        raise ValueError(f"frames must be at least 2x2 pixels, got {prev.shape[1]}x{prev.shape[2]}")
+    out = []
+    for a in (prev, nxt):
+        if a.dtype == np.uint8:
+            a = a.astype(np.float32)
+        elif np.issubdtype(a.dtype, np.floating):
+            a = a.astype(np.float32) * 255.0
+        else:
+            raise ValueError(f"frames must be uint8 or float, got {a.dtype}")
+        if not np.isfinite(a).all():
+            raise ValueError("frames contain NaN or infinity")
+        out.append(a)
+    return out[0], out[1], single
+
+
+def resolve_device(device: str) -> str:
+    """Torch device for `device`: auto picks CUDA when torch sees one, else the CPU."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested, but torch sees no CUDA device")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda[:i], got {device!r}")
+    return device
+
+
+def _flow_torch(
+    prev: np.ndarray, nxt: np.ndarray, device: str, params: TVL1Params, compile: bool = False
+) -> np.ndarray:
+    """Batched torch TV-L1 of float32 (N, H, W) frames -> (N, H, W, 2)."""
+    import torch
+
+    from flowprep.tvl1 import tvl1
+
+    dev = torch.device(resolve_device(device))
+    # On the CPU the iterations are memory-bound: one 341x256 pair's working set already exceeds
+    # L2, so larger batches only run slower; solve a cache-sized chunk of pairs at a time.
+    n, h, w = prev.shape
+    chunk = n if dev.type == "cuda" else max(1, CPU_CHUNK_PIXELS // (h * w))
+    out = []
+    with torch.inference_mode():
+        for start in range(0, n, chunk):
+            i0 = torch.from_numpy(prev[start : start + chunk]).to(dev)
+            i1 = torch.from_numpy(nxt[start : start + chunk]).to(dev)
+            u = tvl1(i0, i1, params, compile=compile)
+            out.append(u.permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def opencv_tvl1(
+    prev: np.ndarray, nxt: np.ndarray, params: TVL1Params, threads: int = 1
+) -> np.ndarray:
+    """cv2.optflow DualTVL1 of one float32 (H, W) pair on the 0..255 scale -> (H, W, 2).
+
+    Runs with `threads` OpenCV threads (1 inside worker processes, one process per core).
+    """
+    import cv2
+
+    cv2.setNumThreads(threads)
+    tvl1 = cv2.optflow.DualTVL1OpticalFlow_create(
+        tau=params.tau,
+        lambda_=params.lambda_,
+        theta=params.theta,
+        nscales=params.nscales,
+        warps=params.warps,
+        epsilon=params.epsilon,
+        innnerIterations=params.inner_iterations,
+        outerIterations=params.outer_iterations,
+        scaleStep=params.scale_step,
+        gamma=params.gamma,
+        medianFiltering=params.median_filtering,
+    )
+    # OpenCV scales float input by 255; hand it 0..1 so both backends see the same 0..255 image.
+    return tvl1.calc(prev / 255.0, nxt / 255.0, None)
+
+
+def _flow_opencv(prev: np.ndarray, nxt: np.ndarray, params: TVL1Params, jobs: int) -> np.ndarray:
+    """OpenCV TV-L1 of (N, H, W) pairs: inline for one pair, else one process per core (joblib)."""
+    if len(prev) == 1:
+        return opencv_tvl1(prev[0], nxt[0], params, threads=max(1, jobs))[None]
+    from joblib import Parallel, delayed
+
+    flows = Parallel(n_jobs=min(jobs, len(prev)))(
+        delayed(opencv_tvl1)(a, b, params) for a, b in zip(prev, nxt, strict=True)
+    )
+    return np.stack(flows)
+
+
+def compute_flow(
+    prev: np.ndarray,
+    nxt: np.ndarray,
+    *,
+    backend: str = "torch",
+    device: str = "auto",
+    jobs: int | None = None,
+    compile: bool = False,
+    **params: Any,
+) -> np.ndarray:
+    """TV-L1 flow from `prev` to `nxt` ((H, W) or (N, H, W), uint8 or float 0..1) in pixels.
+
+    Returns float32 (..., H, W, 2), [..., 0] = x, with prev(x, y) ≈ nxt(x + u, y + v). `params` are
+    OpenCV's DualTVL1 ones (tau, lambda_ or lambda, theta, nscales, warps, epsilon,
+    inner_iterations, outer_iterations, scale_step, median_filtering, gamma) with its defaults.
+    The torch backend runs on `device` (auto: CUDA if present), eagerly unless `compile` (worth it
+    for long jobs only: the first call compiles for tens of seconds); the opencv backend runs
+    `jobs` processes (default: one per core).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"flow backend must be one of {BACKENDS}, got {backend!r}")
+    config = make_params(**params)
+    a, b, single = _as_batch(prev, nxt)
+    if backend == "torch":
+        flow = _flow_torch(a, b, device, config, compile)
+    else:
+        flow = _flow_opencv(a, b, config, jobs or os.cpu_count() or 1)
+    flow = flow.astype(np.float32, copy=False)
+    return flow[0] if single else flow

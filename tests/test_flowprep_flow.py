@@ -1,0 +1,220 @@
+"""TV-L1 flow: torch backend against OpenCV's DualTVL1 and known warps of real frames."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from flowprep.flow import compute_flow
+from flowprep.tvl1 import TVL1Params, build_pyramid, median_blur, resize_linear, warp_bicubic
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SIZE = (128, 96)  # (W, H) every real frame is reduced to, to keep the OpenCV reference cheap
+MARGIN = 10  # px left out of EPE at the border, where the warped frame has no source pixels
+
+
+def _data() -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"sample data folder missing: {DATA}")
+    return DATA
+
+
+def middlebury(name: str) -> np.ndarray:
+    img = cv2.imread(str(_data() / "frames" / f"{name}.png"), cv2.IMREAD_GRAYSCALE)
+    return cv2.resize(img, SIZE, interpolation=cv2.INTER_AREA)
+
+
+def video_frames(name: str, start: int, count: int) -> np.ndarray:
+    import av
+
+    frames = []
+    with av.open(str(_data() / "videos" / name)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i >= start:
+                gray = frame.to_ndarray(format="gray")
+                frames.append(cv2.resize(gray, SIZE, interpolation=cv2.INTER_AREA))
+            if len(frames) == count:
+                break
+    return np.stack(frames)
+
+
+def known_flow(kind: str) -> np.ndarray:
+    """A smooth (H, W, 2) flow: a translation, or a rotation + zoom about the centre (≤ ~8 px)."""
+    h, w = SIZE[1], SIZE[0]
+    y, x = np.mgrid[:h, :w].astype(np.float32)
+    if kind == "translation":
+        return np.stack((np.full_like(x, 2.6), np.full_like(y, -1.7)), axis=-1)
+    cx, cy, angle, zoom = (w - 1) / 2, (h - 1) / 2, np.deg2rad(4.0), 1.05
+    dx, dy = x - cx, y - cy
+    u = zoom * (np.cos(angle) * dx - np.sin(angle) * dy) - dx
+    v = zoom * (np.sin(angle) * dx + np.cos(angle) * dy) - dy
+    return np.stack((u, v), axis=-1).astype(np.float32)
+
+
+def warped_pair(nxt: np.ndarray, flow: np.ndarray) -> np.ndarray:
+    """prev with prev(x) = nxt(x + flow(x)): the pair (prev, nxt) has ground-truth flow `flow`."""
+    h, w = nxt.shape
+    y, x = np.mgrid[:h, :w].astype(np.float32)
+    prev = cv2.remap(nxt.astype(np.float32), x + flow[..., 0], y + flow[..., 1], cv2.INTER_CUBIC)
+    return np.clip(np.rint(prev), 0, 255).astype(np.uint8)
+
+
+def epe(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean end-point error inside the margin."""
+    d = np.linalg.norm(a - b, axis=-1)
+    return float(d[MARGIN:-MARGIN, MARGIN:-MARGIN].mean())
+
+
+@pytest.mark.parametrize(
+    ("source", "kind"),
+    [("rubberwhale", "translation"), ("basketball", "rotation_zoom"), ("tree", "rotation_zoom")],
+)
+def test_epe_on_known_warps_matches_opencv(source, kind):
+    nxt = video_frames("tree.avi", 40, 1)[0] if source == "tree" else middlebury(f"{source}1")
+    gt = known_flow(kind)
+    prev = warped_pair(nxt, gt)
+    ours = compute_flow(prev, nxt, device="cpu")
+    ref = compute_flow(prev, nxt, backend="opencv")
+    ours_epe, ref_epe = epe(ours, gt), epe(ref, gt)
+    assert ref_epe < 1.0
+    assert ours_epe < 1.0
+    assert ours_epe <= max(1.05 * ref_epe, ref_epe + 0.02), (ours_epe, ref_epe)
+
+
+def test_agreement_with_opencv_on_real_consecutive_frames():
+    pairs = [
+        (middlebury("rubberwhale1"), middlebury("rubberwhale2")),
+        (middlebury("basketball1"), middlebury("basketball2")),
+        tuple(video_frames("Megamind.avi", 30, 2)),
+    ]
+    prev = np.stack([p for p, _ in pairs])
+    nxt = np.stack([n for _, n in pairs])
+    ours = compute_flow(prev, nxt, device="cpu")
+    ref = compute_flow(prev, nxt, backend="opencv", jobs=1)
+    for o, r in zip(ours, ref, strict=True):
+        d = np.linalg.norm(o - r, axis=-1)
+        # measured: means 0.009-0.014 px, 99th percentiles 0.06-0.10 px (stop-test flips)
+        assert d.mean() < 0.04, d.mean()
+        assert np.percentile(d, 99) < 0.3
+
+
+def test_one_iteration_schedule_matches_opencv_exactly():
+    # One level, one warp, a few inner steps: no stopping decisions, so the two must agree to
+    # float rounding; this pins the warp, gradients, thresholding, divergence and dual update.
+    a, b = middlebury("rubberwhale1"), middlebury("rubberwhale2")
+    kw = dict(nscales=1, warps=2, outer_iterations=2, inner_iterations=5)
+    d = np.abs(compute_flow(a, b, device="cpu", **kw) - compute_flow(a, b, backend="opencv", **kw))
+    assert d.max() < 5e-4  # measured 8e-5
+
+
+def test_batch_equals_pairs_one_by_one():
+    frames = video_frames("Megamind.avi", 10, 3)[:, :40, :48]
+    batch = compute_flow(frames[:-1], frames[1:], device="cpu", nscales=2)
+    for k in range(2):
+        single = compute_flow(frames[k], frames[k + 1], device="cpu", nscales=2)
+        np.testing.assert_allclose(batch[k], single, atol=1e-5)
+
+
+def test_float_frames_read_as_0_to_1():
+    a, b = middlebury("rubberwhale1")[:32, :32], middlebury("rubberwhale2")[:32, :32]
+    kw = dict(nscales=1, warps=1)
+    f8 = compute_flow(a, b, device="cpu", **kw)
+    ff = compute_flow(a / 255.0, b / 255.0, device="cpu", **kw)
+    np.testing.assert_allclose(f8, ff, atol=1e-4)
+
+
+def test_identical_frames_give_zero_flow():
+    a = middlebury("basketball1")
+    flow = compute_flow(np.stack([a, a]), np.stack([a, a]), device="cpu")
+    assert flow.shape == (2, SIZE[1], SIZE[0], 2) and flow.dtype == np.float32
+    assert np.abs(flow).max() == 0.0
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (2, 7), (5, 3), (15, 15), (16, 17)])
+def test_tiny_frames_finite(shape):
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, shape, dtype=np.uint8)
+    b = np.roll(a, 1, axis=1)
+    for backend in ("torch", "opencv"):
+        flow = compute_flow(a, b, backend=backend, device="cpu")
+        assert flow.shape == (*shape, 2)
+        assert np.isfinite(flow).all()
+
+
+def test_constant_frames_no_nan():
+    a, b = np.full((20, 24), 7, np.uint8), np.full((20, 24), 90, np.uint8)
+    flow = compute_flow(a, b, device="cpu")
+    assert np.isfinite(flow).all() and np.abs(flow).max() == 0.0
+
+
+@pytest.mark.parametrize(
+    ("prev", "nxt", "kwargs", "message"),
+    [
+        (np.zeros((8, 8)), np.zeros((8, 9)), {}, "shapes differ"),
+        (np.zeros((1, 8)), np.zeros((1, 8)), {}, "at least 2x2"),
+        (np.zeros((8, 1)), np.zeros((8, 1)), {}, "at least 2x2"),
+        (np.zeros((2, 3, 8, 8)), np.zeros((2, 3, 8, 8)), {}, "grayscale"),
+        (np.zeros((0, 8, 8)), np.zeros((0, 8, 8)), {}, "N = 0"),
+        (np.zeros((8, 8), np.int32), np.zeros((8, 8), np.int32), {}, "uint8 or float"),
+        (np.full((8, 8), np.nan), np.zeros((8, 8)), {}, "NaN"),
+        (np.zeros((8, 8)), np.zeros((8, 8)), {"backend": "gpu"}, "backend"),
+        (np.zeros((8, 8)), np.zeros((8, 8)), {"lamda": 0.1}, "unknown TV-L1 parameter"),
+        (np.zeros((8, 8)), np.zeros((8, 8)), {"median_filtering": 4}, "odd"),
+        (np.zeros((8, 8)), np.zeros((8, 8)), {"device": "tpu"}, "device"),
+    ],
+)
+def test_bad_input_is_one_line_value_error(prev, nxt, kwargs, message):
+    with pytest.raises(ValueError, match=message) as info:
+        compute_flow(prev, nxt, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_lambda_alias_and_defaults():
+    a, b = middlebury("rubberwhale1")[:24, :24], middlebury("rubberwhale2")[:24, :24]
+    x = compute_flow(a, b, device="cpu", nscales=1, **{"lambda": 0.05})
+    y = compute_flow(a, b, device="cpu", nscales=1, lambda_=0.05)
+    z = compute_flow(a, b, device="cpu", nscales=1)
+    np.testing.assert_array_equal(x, y)
+    assert np.abs(x - z).max() > 1e-3  # lambda is honoured
+    assert TVL1Params() == TVL1Params(0.25, 0.15, 0.3, 5, 5, 0.01, 30, 10, 0.8, 5, 0.0)
+
+
+def test_building_blocks_match_opencv():
+    rng = np.random.default_rng(3)
+    img = (rng.random((37, 53)) * 255).astype(np.float32)
+    t = torch.from_numpy(img)[None, None]
+    small = cv2.resize(img, None, fx=0.8, fy=0.8)
+    pyr = build_pyramid(t, TVL1Params(nscales=2))
+    np.testing.assert_allclose(pyr[1][0, 0].numpy(), small, atol=1e-3)
+    up = resize_linear(torch.from_numpy(small)[None], img.shape)[0].numpy()
+    np.testing.assert_allclose(up, cv2.resize(small, img.shape[::-1]), atol=1e-3)
+    generic = median_blur(t.to(torch.float64), 5)[0, 0].numpy()  # the device-agnostic path
+    np.testing.assert_allclose(generic, cv2.medianBlur(img, 5), atol=1e-4)
+    flow = rng.normal(0, 3, (37, 53, 2)).astype(np.float32)
+    y, x = np.mgrid[:37, :53].astype(np.float32)
+    ref = cv2.remap(img, x + flow[..., 0], y + flow[..., 1], cv2.INTER_CUBIC)
+    ours = warp_bicubic(t, torch.from_numpy(flow).permute(2, 0, 1)[None])[0, 0].numpy()
+    assert np.abs(ours - ref).max() < 0.01
+
+
+def test_compiled_path_matches_eager():
+    # torch.compile of the masked inner iterations (one level, so one cold compile of ~10-20 s;
+    # the kernels are cached on disk for later runs). Two pairs exercise the per-pair stop mask.
+    frames = video_frames("Megamind.avi", 10, 3)[:, :32, :40]
+    kw = dict(nscales=1, warps=2, outer_iterations=3)
+    eager = compute_flow(frames[:-1], frames[1:], device="cpu", **kw)
+    compiled = compute_flow(frames[:-1], frames[1:], device="cpu", compile=True, **kw)
+    assert np.abs(eager).max() > 0.1  # a non-trivial flow
+    assert np.abs(compiled - eager).max() < 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    a, b = middlebury("rubberwhale1"), middlebury("rubberwhale2")
+    cpu = compute_flow(a, b, device="cpu")
+    gpu = compute_flow(a, b, device="cuda")
+    assert np.linalg.norm(cpu - gpu, axis=-1).mean() < 0.02
