@@ -1,0 +1,175 @@
+"""Pretrained weights in one place: read safely, adapt conv1 to flow stacks, inflate over time.
+
+Pure functions over state dicts with torchvision keys. A checkpoint is read with
+`torch.load(..., weights_only=True)` only; nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+STRIP_PREFIXES = ("module.", "_orig_mod.")
+CONV1_RULES = ("authors", "timm")
+HEAD_KEYS = ("fc.weight", "fc.bias")  # a new dataset's classifier is re-initialised
+OPTIONAL_KEYS = ("num_batches_tracked",)  # absent from old torchvision files
+
+
+class WeightsError(RuntimeError):
+    """A missing, unreadable or mismatched weights file; the message is one line."""
+
+
+def strip_prefixes(state_dict: dict) -> dict:
+    """Drop DDP `module.` and torch.compile `_orig_mod.` key prefixes, however nested."""
+    out = {}
+    for key, value in state_dict.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in STRIP_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix) :], True
+        out[key] = value
+    return out
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Model weights of `path`: a bare state dict, or one under "model" / "state_dict".
+
+    Loaded with `weights_only=True`; prefixes stripped. WeightsError (one line) otherwise.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint '{path}' not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure becomes one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"cannot read checkpoint '{path}': {first}") from None
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"'{path}' holds no state dict of tensors")
+    return strip_prefixes(obj)
+
+
+def adapt_input_conv(weight: torch.Tensor, in_channels: int, rule: str = "authors") -> torch.Tensor:
+    """conv1 filters (O, 3, k, k) of an RGB network -> (O, in_channels, k, k) for a flow stack.
+
+    "authors": mean of the three RGB filters replicated to every channel, no rescaling
+    (feichtenhofer/st-resnet, base_streams/cnn_ucf101_temporal.m). "timm": R, G, B cycled over
+    the channels and scaled by 3 / in_channels (timm's `adapt_input_conv`).
+    """
+    if weight.ndim != 4 or weight.shape[1] != 3:
+        raise ValueError(f"expected RGB conv filters (O, 3, k, k), got {tuple(weight.shape)}")
+    if rule == "authors":
+        return weight.mean(dim=1, keepdim=True).expand(-1, in_channels, -1, -1).clone()
+    if rule == "timm":
+        repeat = math.ceil(in_channels / 3)
+        return weight.repeat(1, repeat, 1, 1)[:, :in_channels] * (3.0 / in_channels)
+    raise ValueError(f"conv1 rule must be one of {CONV1_RULES}, got {rule!r}")
+
+
+def inflate_temporal(weight: torch.Tensor, kernel: int = 3) -> torch.Tensor:
+    """Eq. 5: a 2D 1x1 filter (O, I, 1, 1) -> temporal (O, I, T', 1, 1) with w / T' at every t.
+
+    On a clip constant over time the inflated filter sums to the 2D one: the network starts
+    as the image network it was made from and learns temporal structure from there.
+    """
+    if weight.ndim != 4 or weight.shape[2:] != (1, 1):
+        raise ValueError(f"expected 1x1 conv filters (O, I, 1, 1), got {tuple(weight.shape)}")
+    return (weight / kernel).unsqueeze(2).expand(-1, -1, kernel, -1, -1).clone()
+
+
+def adapt_tensor(
+    key: str, value: torch.Tensor, want: torch.Size, conv1_init: str
+) -> torch.Tensor | None:
+    """`value` reshaped to the target shape `want` by a known rule, or None if none applies."""
+    if value.shape == want:
+        return value
+    if value.ndim == 4 and len(want) == 4 and value.shape[1] == 3 and want[1] != 3:
+        if (value.shape[0], *value.shape[2:]) == (want[0], *want[2:]):
+            return adapt_input_conv(value, want[1], conv1_init)
+    if value.ndim == 4 and len(want) == 5 and value.shape[2:] == (1, 1):
+        if value.shape[:2] == want[:2] and want[3:] == (1, 1):
+            return inflate_temporal(value, want[2])
+    return None
+
+
+@dataclass
+class LoadReport:
+    """What `load_pretrained` did: keys copied, keys adapted (conv1, eq. 5), keys left out."""
+
+    loaded: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (
+            f"{len(self.loaded)} tensors loaded ({len(self.adapted)} adapted), "
+            f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, "
+            f"{len(self.mismatched)} mismatched"
+        )
+
+
+def _listing(name: str, keys: list[str], limit: int = 4) -> str:
+    more = f", ... {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"{len(keys)} {name} ({', '.join(keys[:limit])}{more})"
+
+
+def load_pretrained(
+    module: nn.Module,
+    source: str | Path | dict,
+    *,
+    conv1_init: str = "authors",
+    new_head: bool = True,
+) -> LoadReport:
+    """Load a torchvision-format state dict (a file or a dict) into `module`, adapting shapes.
+
+    RGB conv1 filters meet a flow stack by `adapt_input_conv`, 2D 1x1 filters meet temporal
+    convs by `inflate_temporal`. With `new_head`, a classifier of another class count is left
+    at its initialisation. Any other missing, unexpected or mismatched key raises WeightsError
+    naming them, and nothing is loaded.
+    """
+    where = "state dict" if isinstance(source, dict) else f"'{source}'"
+    state = strip_prefixes(source) if isinstance(source, dict) else read_state_dict(source)
+    target = module.state_dict()
+    report, usable = LoadReport(), {}
+    for key, value in state.items():
+        if key not in target:
+            report.unexpected.append(key)
+            continue
+        fitted = adapt_tensor(key, value, target[key].shape, conv1_init)
+        if fitted is None:
+            report.mismatched.append(f"{key} {tuple(value.shape)}->{tuple(target[key].shape)}")
+            continue
+        usable[key] = fitted.to(target[key].dtype)
+        report.loaded.append(key)
+        if fitted is not value:
+            report.adapted.append(key)
+    report.missing = [k for k in target if k not in usable]
+    tolerated = HEAD_KEYS if new_head else ()
+    bad_missing = [
+        k for k in report.missing if k not in tolerated and not k.endswith(OPTIONAL_KEYS)
+    ]
+    bad_mismatch = [m for m in report.mismatched if m.split()[0] not in tolerated]
+    if bad_missing or report.unexpected or bad_mismatch:
+        parts = [
+            _listing(name, keys)
+            for name, keys in (
+                ("missing", bad_missing),
+                ("unexpected", report.unexpected),
+                ("mismatched", bad_mismatch),
+            )
+            if keys
+        ]
+        raise WeightsError(f"{where} does not fit {type(module).__name__}: {'; '.join(parts)}")
+    module.load_state_dict(usable, strict=False)
+    return report
