@@ -5,6 +5,9 @@ from __future__ import annotations
 import click
 
 from strnet import __version__
+from strnet.evaluate import eval_command
+from strnet.summary import summary_command
+from strnet.train import train_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,3 +17,6 @@ def main() -> None:
 
 
 # Commands from other modules are registered below, one line each.
+main.add_command(train_command)
+main.add_command(eval_command)
+main.add_command(summary_command)

@@ -37,19 +37,24 @@ def strip_prefixes(state_dict: dict) -> dict:
     return out
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Model weights of `path`: a bare state dict, or one under "model" / "state_dict".
-
-    Loaded with `weights_only=True`; prefixes stripped. WeightsError (one line) otherwise.
-    """
+def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> object:
+    """`torch.load(path, weights_only=True)`: no pickled code runs. WeightsError (one line)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint '{path}' not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure becomes one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(f"cannot read checkpoint '{path}': {first}") from None
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Model weights of `path`: a bare state dict, or one under "model" / "state_dict".
+
+    Prefixes are stripped; anything but a dict of tensors is a WeightsError.
+    """
+    obj = load_file(path)
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

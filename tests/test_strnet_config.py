@@ -1,0 +1,91 @@
+"""strnet.config: shipped Table 2 phases, typed overrides, one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from strnet.config import ConfigError, config_from_dict, load_config, parse_override, to_dict
+
+# Table 2: SGD batch, BN batch, (lr, iterations), chunks, tau range
+TABLE_2 = {
+    "motion": (256, 86, [1e-2, 1e-3], [30000, 10000], 1, (1, 1)),
+    "appearance": (256, 8, [1e-2, 1e-3], [10000, 10000], 1, (1, 1)),
+    "st-resnet": (128, 4, [1e-3, 1e-4, 1e-5], [30000, 30000, 20000], 5, (5, 15)),
+    "st-resnet-star": (128, 4, [1e-4, 1e-5], [2000, 2000], 11, (1, 15)),
+}
+
+
+@pytest.mark.parametrize("phase", sorted(TABLE_2))
+def test_shipped_phases_match_table_2(phase):
+    cfg = load_config(phase)
+    batch, bn, lrs, its, chunks, tau = TABLE_2[phase]
+    assert cfg.optim.batch_size == batch and cfg.model.bn_sub_batch == bn
+    assert cfg.optim.lrs == lrs and cfg.optim.iterations == its
+    assert cfg.data.num_chunks == chunks and (cfg.data.tau_min, cfg.data.tau_max) == tau
+    assert cfg.optim.momentum == 0.9 and cfg.data.flow_stack == 10
+    assert cfg.optim.batch_size % cfg.optim.micro_batch == 0  # gradient accumulation divides
+
+
+def test_phase_specific_inputs_and_init():
+    assert load_config("motion").data.crop == "motion"
+    assert not load_config("motion").data.use_rgb and not load_config("appearance").data.use_flow
+    st = load_config("st-resnet")
+    assert st.model.init_motion.endswith("motion/checkpoint.pt")
+    assert st.model.init_appearance.endswith("appearance/checkpoint.pt")
+    assert load_config("st-resnet-star").model.init.endswith("st-resnet/checkpoint.pt")
+    assert load_config("st-resnet-star").model.name == "st_resnet50_star"
+
+
+def test_overrides_are_typed():
+    cfg = load_config(
+        "st-resnet",
+        ["optim.lrs=[1, 0.5, 0.25]", "run.seed=3", "data.root=/data/ucf 101", "data.use_rgb=false",
+         "optim.momentum=0", 'run.out="a=b"'],
+    )  # fmt: skip
+    assert cfg.optim.lrs == [1.0, 0.5, 0.25] and isinstance(cfg.optim.lrs[0], float)
+    assert cfg.run.seed == 3 and cfg.data.root == "/data/ucf 101"
+    assert cfg.data.use_rgb is False and cfg.optim.momentum == 0.0 and cfg.run.out == "a=b"
+    assert parse_override("a.b.c=[1,2]") == {"a": {"b": {"c": [1, 2]}}}
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("run.seed=1.5", "run.seed: expected int, got 1.5"),
+        ("run.seed=true", "run.seed: expected int, got True"),
+        ("data.use_rgb=1", "data.use_rgb: expected bool, got 1"),
+        ("optim.lrs=0.1", "optim.lrs: expected a list, got 0.1"),
+        ("optim.iterations=[1, 2.5]", "optim.iterations[1]: expected int, got 2.5"),
+        ("data=3", "data: expected a table of settings, got 3"),
+        ("seed", "override 'seed' is not key=value"),
+        ("optim.momentum=1.5", "optim.momentum must be in [0, 1)"),
+        ("optim.micro_batch=48", "optim.batch_size must be a multiple of micro_batch"),
+        ("optim.lrs=[0.1]", "optim.lrs and optim.iterations need equal length"),
+        ("data.crop=random", "bad data.crop 'random'"),
+    ],
+)
+def test_bad_values_fail_with_one_line(override, message):
+    with pytest.raises(ConfigError) as exc:
+        load_config("motion", [override])
+    assert str(exc.value) == message
+
+
+def test_unknown_keys_and_files_fail(tmp_path):
+    with pytest.raises(ConfigError, match=r"^unknown config key 'optim.lr'; known: batch_size"):
+        load_config("motion", ["optim.lr=0.1"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nname = 'resnet50'\ndepht = 50\n")
+    with pytest.raises(ConfigError, match=r"^unknown config key 'model.depht'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"^config 'nope' not found \(shipped: motion, "):
+        load_config("nope")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[model\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(broken)
+    assert "\n" not in str(exc.value)
+
+
+def test_resolved_config_round_trips():
+    cfg = load_config("st-resnet-star", ["run.seed=5"])
+    assert config_from_dict(to_dict(cfg)) == cfg

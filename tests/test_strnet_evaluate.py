@@ -1,0 +1,119 @@
+"""strnet.evaluate: the paper's test protocol, metrics, fusion and the eval command."""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from test_strnet_train import tiny, write_clip_folder
+
+from strnet.data import hflip_normalized_flow
+from strnet.evaluate import (
+    eval_command,
+    evaluate,
+    mean_over_splits,
+    summarize,
+    topk_accuracy,
+    video_scores,
+    video_views,
+)
+from strnet.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny two-stream model fitted to the generated clips, and their folder.
+
+    Frames are square so the paper protocol's whole frames have the training crops' size: a
+    width-8 ResNet-50 on 32-pixel inputs has a 1x1 conv5 map and does not carry over to other
+    sizes (the whole-frame arithmetic is tested on the model in test_strnet_models). Precise BN
+    re-estimates the BN statistics, which lag far behind weights fitted in 25 steps.
+    """
+    root = tmp_path_factory.mktemp("eval")
+    clips = write_clip_folder(root / "clips", size=(32, 32))
+    torch.manual_seed(0)
+    cfg = tiny(
+        clips, root / "run", "data.num_chunks=2", "data.tau_min=1", "data.tau_max=3",
+        "optim.batch_size=6", "optim.micro_batch=6", "optim.lrs=[0.05]", "optim.iterations=[25]",
+        "run.precise_bn=4",
+    )  # fmt: skip
+    train(cfg)
+    return root / "run" / "checkpoint.pt", clips
+
+
+def test_topk_and_per_class_metrics():
+    scores = np.array([[3.0, 2.0, 1.0], [0.0, 1.0, 5.0], [2.0, 3.0, 1.0], [1.0, 3.0, 2.0]])
+    labels = np.array([0, 1, 1, 0])
+    assert topk_accuracy(scores, labels, 1) == 0.5
+    assert topk_accuracy(scores, labels, 2) == 0.75
+    assert topk_accuracy(scores, labels, 5) == 1.0
+    s = summarize(scores, labels)
+    assert s["per_class"] == [0.5, 0.5, None]
+    assert s["confusion"] == [[1, 1, 0], [0, 1, 1], [0, 0, 0]]
+    assert (
+        mean_over_splits(
+            [{"split": 1, "top1": 0.5, "top5": 1.0}, {"split": 2, "top1": 1.0, "top5": 1.0}]
+        )["top1"]
+        == 0.75
+    )
+
+
+class FixedTwoStream(torch.nn.Module):
+    """Scores that depend on the input so averaging order is visible."""
+
+    def forward(self, rgb, flow):
+        a = rgb.mean(dim=(2, 3, 4))[..., None] * torch.tensor([1.0, -1.0])
+        m = flow[..., 0, :, :1].mean(dim=(2, 3))[..., None] * torch.tensor([2.0, 0.0])
+        return {"appearance": a, "motion": m}
+
+
+def test_scores_average_views_and_positions_before_softmax():
+    rng = torch.Generator().manual_seed(0)
+    sample = {"rgb": torch.randn(25, 3, 8, 10, generator=rng),
+              "flow": torch.randn(25, 6, 8, 10, generator=rng).round()}  # fmt: skip
+    views = video_views(sample, flips=True)
+    assert views["rgb"].shape == (2, 25, 3, 8, 10)
+    torch.testing.assert_close(views["flow"][1], hflip_normalized_flow(sample["flow"]))
+    out = video_scores(FixedTwoStream(), views, True, "cpu", nullcontext())
+    expected_a = views["rgb"].mean(dim=(2, 3, 4)).mean() * torch.tensor([1.0, -1.0])
+    torch.testing.assert_close(out["appearance"], expected_a)
+    flow_left = views["flow"][..., 0, :, :1].mean(dim=(2, 3)).mean()
+    torch.testing.assert_close(out["motion"], flow_left * torch.tensor([2.0, 0.0]))
+
+
+@pytest.mark.parametrize("protocol", ["paper", "center"])
+def test_evaluate_fitted_model(trained, tmp_path, protocol):
+    ckpt, clips = trained
+    r = evaluate(ckpt, str(clips), 1, protocol=protocol, test_chunks=5, out=tmp_path)
+    assert r["num_videos"] == 6 and r["top5"] == 1.0
+    assert r["top1"] == 1.0 and r["per_class"] == [1.0, 1.0]
+    assert set(r["streams"]) == {"appearance", "motion"}
+    assert (tmp_path / "confusion_split1.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "eval_split1.json").read_text())["top1"] == 1.0
+
+
+def test_eval_command_and_its_errors(trained, tmp_path):
+    ckpt, clips = trained
+    runner = CliRunner()
+    r = runner.invoke(eval_command, [str(ckpt), "--split", "1", "--data", str(clips),
+                                     "--protocol", "center", "--test-chunks", "3"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("split 1: top-1 1.0000  top-5 1.0000")
+    r = runner.invoke(eval_command, [str(tmp_path / "no.pt"), "--split", "1", "--data",
+                                     str(clips)])  # fmt: skip
+    assert r.exit_code == 1
+    assert r.output.strip() == f"Error: checkpoint '{tmp_path / 'no.pt'}' not found"
+    r = runner.invoke(eval_command, [str(ckpt), "--split", "2", "--data", str(clips)])
+    assert r.exit_code == 1
+    assert r.output.strip() == (
+        f"Error: test list '{clips / 'test_split2.txt'}' not found (set data.test_list)"
+    )
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    r = runner.invoke(eval_command, [str(garbage), "--split", "1", "--data", str(clips)])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
+    assert r.output.startswith(f"Error: cannot read checkpoint '{garbage}'")

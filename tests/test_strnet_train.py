@@ -1,0 +1,254 @@
+"""strnet.train: overfitting through the real reader, exact resume, torchrun on CPU, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from strnet.checkpoint import load_checkpoint
+from strnet.config import ConfigError, load_config
+from strnet.train import build_model, initialise, lr_at, train, train_command
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_clip_folder(
+    root: Path, per_class: int = 3, num_frames: int = 10, size: tuple[int, int] = (32, 40)
+) -> Path:
+    """Frame folders in flowprep's layout for 2 classes told apart by colour and vertical flow.
+
+    Both cues survive horizontal flips, so a model can fit every training clip. Video ids are
+    nested (`class/v_...`) like mmaction2 rawframes.
+    """
+    rng = np.random.default_rng(0)
+    h, w = size
+    lines = []
+    for label, (colour, fy) in enumerate([((200, 40, 40), 170), ((40, 40, 200), 86)]):
+        for g in range(per_class):
+            vid = f"c{label}/v_c{label}_g{g:02d}"
+            d = root / vid
+            d.mkdir(parents=True)
+            for k in range(num_frames):
+                img = rng.integers(0, 60, size=(h, w, 3)).astype(np.uint8)
+                y, x = rng.integers(0, h - 12), rng.integers(0, w - 12)
+                img[y : y + 12, x : x + 12] = colour
+                cv2.imwrite(str(d / f"img_{k + 1:05d}.jpg"), img[..., ::-1])
+            for k in range(num_frames - 1):
+                fx = rng.integers(100, 156, size=(h, w)).astype(np.uint8)
+                fyk = np.clip(fy + rng.integers(-20, 20, size=(h, w)), 0, 255).astype(np.uint8)
+                cv2.imwrite(str(d / f"flow_x_{k + 1:05d}.jpg"), fx)
+                cv2.imwrite(str(d / f"flow_y_{k + 1:05d}.jpg"), fyk)
+            meta = {
+                "video_id": vid, "source": f"{vid}.avi", "label": f"c{label}",
+                "label_index": label, "source_width": w, "source_height": h, "source_fps": 25.0,
+                "source_frames": num_frames, "width": w, "height": h, "num_frames": num_frames,
+                "num_flows": num_frames - 1, "index_base": 1, "flow_bound": 20.0,
+                "flow_format": "jpeg", "settings": {}, "settings_hash": "test",
+            }  # fmt: skip
+            (d / "meta.json").write_text(json.dumps(meta))
+            (d / ".done").write_text(json.dumps({"settings_hash": "test"}))
+            lines.append(f"{vid} {num_frames} {label}")
+    (root / "train_split1.txt").write_text("\n".join(lines) + "\n")
+    (root / "test_split1.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> Path:
+    return write_clip_folder(tmp_path_factory.mktemp("clips"))
+
+
+def tiny(clips: Path, out: Path, *extra: str, config: str = "st-resnet"):
+    """A phase config shrunk to run in seconds on CPU (width 8, 32 px crops, 2 classes)."""
+    sets = [
+        f"data.root={json.dumps(str(clips))}", f"run.out={json.dumps(str(out))}",
+        "data.num_workers=0", "data.crop_size=32", "data.flow_stack=3", "model.num_classes=2",
+        "model.width=8", "model.bn_sub_batch=0", "model.init=''",
+        "model.init_appearance=''", "model.init_motion=''", "run.progress=false",
+        "run.log_every=1", "optim.weight_decay=0.0",
+    ]  # fmt: skip
+    return load_config(config, sets + list(extra))
+
+
+def test_tiny_st_resnet_overfits_through_the_reader(clips, tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny(
+        clips, tmp_path / "run", "data.num_chunks=2", "data.tau_min=1", "data.tau_max=3",
+        "optim.batch_size=6", "optim.micro_batch=6", "optim.lrs=[0.05]", "optim.iterations=[25]",
+    )  # fmt: skip
+    summary = train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["step"] == 25 and len(rows) == 25
+    assert np.mean([r["loss"] for r in rows[-3:]]) < 0.5 * np.mean([r["loss"] for r in rows[:3]])
+    assert [r["acc"] for r in rows[-3:]] == [1.0, 1.0, 1.0]
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["step"] == 25 and ckpt["config"]["data"]["num_chunks"] == 2
+    assert set(ckpt) >= {"model", "optimizer", "rng", "sampler", "schedule", "config"}
+
+
+def test_resume_is_exact(clips, tmp_path):
+    base = [
+        "optim.batch_size=4", "optim.micro_batch=2", "optim.lrs=[0.05,0.01]",
+        "optim.iterations=[3,10]", "run.ckpt_every=100",
+    ]  # fmt: skip
+    full = train(tiny(clips, tmp_path / "full", *base, "run.max_steps=5", config="motion"))
+    part = train(tiny(clips, tmp_path / "part", *base, "run.max_steps=2", config="motion"))
+    assert part["step"] == 2 and part["weights_digest"] != full["weights_digest"]
+    resumed = train(
+        tiny(clips, tmp_path / "part", *base, "run.max_steps=5", config="motion"), resume=True
+    )
+    assert resumed["step"] == 5
+    assert resumed["weights_digest"] == full["weights_digest"]
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "part" / "checkpoint.pt")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert a["sampler"] == b["sampler"] and a["sampler"]["epoch"] == 3  # 6 clips, 2 per step
+
+
+def test_torchrun_two_ranks_on_cpu_hold_identical_weights(clips, tmp_path):
+    script = tmp_path / "run_rank.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "from strnet.config import load_config\n"
+        "from strnet.train import train\n"
+        "cfg = load_config('appearance', json.loads(sys.argv[1]))\n"
+        "s = train(cfg)\n"
+        "out = os.path.join(sys.argv[2], 'rank%s.json' % os.environ['RANK'])\n"
+        "open(out, 'w').write(json.dumps(s))\n"
+    )
+    cfg = tiny(clips, tmp_path / "ddp", config="appearance")  # validates the overrides
+    sets = [
+        f"data.root={json.dumps(str(clips))}", f"run.out={json.dumps(str(tmp_path / 'ddp'))}",
+        "data.num_workers=0", "data.crop_size=32", "model.num_classes=2", "model.width=8",
+        "model.bn_sub_batch=0", "model.init=''", "run.progress=false",
+        "optim.batch_size=4", "optim.micro_batch=2", "optim.lrs=[0.05]", "optim.iterations=[2]",
+    ]  # fmt: skip
+    assert cfg.model.name == "resnet50"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(REPO), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", str(script), json.dumps(sets), str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["step"] == r1["step"] == 2
+    assert r0["weights_digest"] == r1["weights_digest"]
+    # both ranks saw the whole SGD batch of 4: 2 micro-batches of 2, one per rank
+    assert r0["acc"] == r1["acc"]
+
+
+def test_lr_schedule_follows_table_2_steps():
+    cfg = load_config("st-resnet")
+    lrs, its = cfg.optim.lrs, cfg.optim.iterations
+    assert [lr_at(s, lrs, its) for s in (0, 29999, 30000, 59999, 60000, 79999)] == [
+        1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5]  # fmt: skip
+
+
+def test_errors_are_one_line(clips, tmp_path):
+    runner = CliRunner()
+    root = json.dumps(str(clips))
+    r = runner.invoke(train_command, ["motion", "--set", "optim.momentum=fast"])
+    assert r.exit_code == 1
+    assert r.output.strip() == "Error: optim.momentum: expected float, got 'fast'"
+    r = runner.invoke(train_command, ["motion", "--set", "optim.nesterov=true"])
+    assert r.output.strip().startswith("Error: unknown config key 'optim.nesterov'")
+    assert len(r.output.strip().splitlines()) == 1
+    r = runner.invoke(
+        train_command,
+        [
+            "motion",
+            "--out",
+            str(tmp_path / "none"),
+            "--resume",
+            "--set",
+            f"data.root={root}",
+            "--set",
+            "data.num_workers=0",
+        ],
+    )
+    assert r.exit_code == 1
+    assert r.output.strip() == (
+        f"Error: nothing to resume: '{tmp_path / 'none' / 'checkpoint.pt'}' not found"
+    )
+    r = runner.invoke(
+        train_command,
+        [
+            "st-resnet",
+            "--out",
+            str(tmp_path / "x"),
+            "--set",
+            f"data.root={root}",
+            "--set",
+            "model.width=8",
+            "--set",
+            "model.init_appearance='/no/such/rgb.pt'",
+        ],
+    )
+    assert r.exit_code == 1
+    assert r.output.strip() == "Error: checkpoint '/no/such/rgb.pt' not found"
+    bad_list = tmp_path / "list.txt"
+    bad_list.write_text("c0/v_c0_g00 10 0\nc9/v_missing 10 1\n")
+    r = runner.invoke(
+        train_command,
+        [
+            "motion",
+            "--set",
+            f"data.root={root}",
+            "--set",
+            f"data.train_list={json.dumps(str(bad_list))}",
+        ],
+    )
+    assert r.exit_code == 1
+    assert r.output.strip() == "Error: video 'c9/v_missing' of the list is not in the data"
+    with pytest.raises(ConfigError, match="tau_min/tau_max"):
+        load_config("st-resnet", ["data.tau_min=9", "data.tau_max=3"])
+
+
+def test_phases_initialise_from_previous_checkpoints(clips, tmp_path):
+    torch.manual_seed(0)
+    rgb_cfg = tiny(clips, tmp_path / "a", config="appearance")
+    rgb_net = build_model(rgb_cfg)
+    torch.save(rgb_net.state_dict(), tmp_path / "imagenet.pt")  # a bare torchvision-style file
+    init = f"model.init={json.dumps(str(tmp_path / 'imagenet.pt'))}"
+    flow_cfg = tiny(clips, tmp_path / "m", init, config="motion")
+    flow_net = build_model(flow_cfg)
+    initialise(flow_net, flow_cfg)
+    src, dst = rgb_net.state_dict(), flow_net.state_dict()
+    adapted = [k for k in src if src[k].ndim == 4 and src[k].shape[1] == 3]
+    assert adapted and all(dst[k].shape[1] == 6 for k in adapted)
+    for k in adapted:  # authors' rule: mean of the RGB filters, replicated over the stack
+        torch.testing.assert_close(dst[k], src[k].mean(1, keepdim=True).expand_as(dst[k]))
+    same = [k for k in src if k not in adapted and src[k].shape == dst[k].shape]
+    assert all(torch.equal(src[k], dst[k]) for k in same) and len(same) + len(adapted) == len(src)
+
+    # ST-ResNet starts from the two stream phases
+    torch.save({"model": rgb_net.state_dict()}, tmp_path / "rgb.pt")
+    torch.save({"model": flow_net.state_dict()}, tmp_path / "flow.pt")
+    rgb_init = f"model.init_appearance={json.dumps(str(tmp_path / 'rgb.pt'))}"
+    flow_init = f"model.init_motion={json.dumps(str(tmp_path / 'flow.pt'))}"
+    st_cfg = tiny(clips, tmp_path / "st", rgb_init, flow_init)
+    st = build_model(st_cfg)
+    lines = initialise(st, st_cfg)
+    assert lines[0].startswith(f"init_appearance {tmp_path / 'rgb.pt'}: ")
+    target = st.state_dict()
+    for stream, net in (("appearance", rgb_net), ("motion", flow_net)):
+        for k, v in net.state_dict().items():
+            got = target[f"{stream}.{k}"]
+            if got.ndim == 5:  # conv2_2 ... conv5_2 1x1 filters inflated over 3 chunks (eq. 5)
+                assert got.shape == (*v.shape[:2], 3, 1, 1), k
+                assert all(torch.equal(got[:, :, t], v / 3) for t in range(3)), k
+            else:
+                assert torch.equal(got, v), (stream, k)
+    assert sum(v.ndim == 5 for v in target.values()) == 16
