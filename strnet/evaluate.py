@@ -100,24 +100,18 @@ def plot_confusion(cm: np.ndarray, png_path: Path, title: str) -> Path:
     return png_path
 
 
-def evaluate(
+def stream_scores(
     checkpoint: str | Path,
     data_root: str,
     split: int,
     *,
-    protocol: str = "paper",
-    test_chunks: int = 25,
-    out: str | Path | None = None,
-    device: str = "auto",
-    test_list: str = "",
-    num_workers: int = 0,
-) -> dict:
-    """Evaluate a trainer checkpoint on the test list of `split`; return the metrics dict.
-
-    With `out`, writes `eval_split<N>.json` and `confusion_split<N>.png` there.
-    """
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol {protocol!r}; use {' or '.join(PROTOCOLS)}")
+    protocol: str,
+    test_chunks: int,
+    device: str,
+    test_list: str,
+    num_workers: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Video labels (N,) and per-stream video scores (N, K) of one checkpoint on a test list."""
     ckpt = load_checkpoint(checkpoint)
     if "config" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{str(checkpoint)!r} is not a strnet training checkpoint")
@@ -136,7 +130,6 @@ def evaluate(
         if cuda
         else torch.autocast("cpu", enabled=False)
     )
-
     items = split_items(cfg, "test")
     dataset = ClipDataset(open_data(data_root), items, sampling_config(cfg), train=False)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
@@ -146,9 +139,42 @@ def evaluate(
         for stream, s in video_scores(model, views, two_stream, ctx.device, autocast).items():
             per_stream.setdefault(stream, []).append(s.numpy())
     labels = np.array([label for _, label in items], dtype=np.int64)
-    streams = {k: np.stack(v) for k, v in per_stream.items()}
+    return labels, {k: np.stack(v) for k, v in per_stream.items()}
+
+
+def evaluate(
+    checkpoint: str | Path | list[str | Path],
+    data_root: str,
+    split: int,
+    *,
+    protocol: str = "paper",
+    test_chunks: int = 25,
+    out: str | Path | None = None,
+    device: str = "auto",
+    test_list: str = "",
+    num_workers: int = 0,
+) -> dict:
+    """Evaluate trainer checkpoint(s) on the test list of `split`; return the metrics dict.
+
+    Several checkpoints are fused like the streams of one: their non-softmaxed video scores are
+    averaged (Table 3's two-stream column from the appearance and motion phases). With `out`,
+    writes `eval_split<N>.json` and `confusion_split<N>.png` there.
+    """
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {protocol!r}; use {' or '.join(PROTOCOLS)}")
+    paths = list(checkpoint) if isinstance(checkpoint, list | tuple) else [checkpoint]
+    labels, streams = None, {}
+    for path in paths:
+        got, scores = stream_scores(
+            path, data_root, split, protocol=protocol, test_chunks=test_chunks, device=device,
+            test_list=test_list, num_workers=num_workers,
+        )  # fmt: skip
+        labels = got
+        for name, value in scores.items():
+            key = name if name not in streams else f"{name}:{path}"
+            streams[key] = value
     fused = np.mean(np.stack(list(streams.values())), axis=0)
-    result = {"split": split, "protocol": protocol, "checkpoint": str(checkpoint)}
+    result = {"split": split, "protocol": protocol, "checkpoint": ", ".join(map(str, paths))}
     result.update(summarize(fused, labels))
     result["streams"] = {k: {"top1": topk_accuracy(v, labels, 1)} for k, v in streams.items()}
     if out is not None:
@@ -220,15 +246,24 @@ def mean_over_splits(results: list[dict]) -> dict:
 @click.option(
     "-j", "--jobs", type=int, default=0, show_default=True, help="DataLoader worker processes."
 )
+@click.option(
+    "--fuse",
+    is_flag=True,
+    help="Fuse all CHECKPOINTS (e.g. appearance + motion phases) on one --split by averaging "
+    "their scores before softmax.",
+)
 def eval_command(
-    checkpoints, splits, data_root, protocol, test_chunks, test_list, out, device, jobs
+    checkpoints, splits, data_root, protocol, test_chunks, test_list, out, device, jobs, fuse
 ):
     """Evaluate CHECKPOINT(s) video by video; with three splits also print the mean."""
-    if len(checkpoints) != len(splits):
+    if fuse and len(splits) != 1:
+        raise click.UsageError("--fuse evaluates all CHECKPOINTS together: give one --split")
+    if not fuse and len(checkpoints) != len(splits):
         raise click.UsageError("give one --split per CHECKPOINT")
+    runs = [(list(checkpoints), splits[0])] if fuse else list(zip(checkpoints, splits, strict=True))
     results = []
     try:
-        for ckpt, split in zip(checkpoints, splits, strict=True):
+        for ckpt, split in runs:
             r = evaluate(
                 ckpt,
                 data_root,

@@ -117,3 +117,27 @@ def test_eval_command_and_its_errors(trained, tmp_path):
     r = runner.invoke(eval_command, [str(garbage), "--split", "1", "--data", str(clips)])
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
     assert r.output.startswith(f"Error: cannot read checkpoint '{garbage}'")
+
+
+def test_fuse_averages_separately_trained_streams(trained, tmp_path):
+    """Table 3's two-stream column: appearance and motion phases fused at test time."""
+    _, clips = trained
+    short = ["optim.batch_size=2", "optim.micro_batch=2", "optim.lrs=[0.01]",
+             "optim.iterations=[2]"]  # fmt: skip
+    paths = []
+    for phase in ("appearance", "motion"):
+        train(tiny(clips, tmp_path / phase, *short, config=phase))
+        paths.append(tmp_path / phase / "checkpoint.pt")
+    fused = evaluate(paths, str(clips), 1, protocol="center", test_chunks=3)
+    alone = [evaluate(p, str(clips), 1, protocol="center", test_chunks=3) for p in paths]
+    assert set(fused["streams"]) == {"appearance", "motion"}
+    assert fused["streams"]["appearance"] == alone[0]["streams"]["appearance"]
+    assert fused["streams"]["motion"] == alone[1]["streams"]["motion"]
+    runner = CliRunner()
+    args = [str(p) for p in paths] + ["--split", "1", "--data", str(clips), "--protocol",
+                                      "center", "--test-chunks", "3"]  # fmt: skip
+    r = runner.invoke(eval_command, [*args, "--fuse"])
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith(f"split 1: top-1 {fused['top1']:.4f}")
+    r = runner.invoke(eval_command, [*args, "--split", "2", "--fuse"])
+    assert r.exit_code == 2 and "--fuse evaluates all CHECKPOINTS together" in r.output
