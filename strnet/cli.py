@@ -13,7 +13,7 @@ from strnet.train import train_command
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="strnet")
 def main() -> None:
-    """Train and evaluate two-stream, ST-ResNet and 3D ResNet models."""
+    """Train, evaluate and summarise two-stream, ST-ResNet, ST-ResNet* and STM-ResNet models."""
 
 
 # Commands from other modules are registered below, one line each.
