@@ -1,25 +1,44 @@
 """Per-video extraction of RGB frames (and optical flow) into frame folders, resumably.
 
-A video is built in OUT/.partial/<video_id>, its completion marker `.done` written last, then the
-folder is renamed into place: a kill at any moment leaves either a finished folder or nothing.
+A video is built in its own staging folder OUT/.partial/<name>.<pid>.<random>, its completion
+marker `.done` written last, then the folder is renamed into place: a kill at any moment leaves
+either a finished folder or nothing.
+
+One run owns OUT at a time (`claim_output`): it holds a flock on OUT/.lock and writes a fresh
+token to OUT/.partial/.owner. Workers move a video into place only under the flock of .owner and
+only while it holds their run's token, and a new run replaces the token under that flock; so
+worker processes that outlive a kill -9 of their run never write into OUT once a rerun started
+(they also stop within a fraction of a second when their parent dies).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import cv2
 import numpy as np
 
-from flowprep.atomic import write_json_atomic, write_text_atomic
+from flowprep.atomic import (
+    is_locked,
+    lock_exclusive,
+    release_lock,
+    write_json_atomic,
+    write_text_atomic,
+)
 from flowprep.decode import VideoError, iter_frames, probe
 from flowprep.flow_service import FlowService, resolve_devices
 from flowprep.manifest import VideoEntry
@@ -28,6 +47,11 @@ PARTIAL_DIR = ".partial"
 MARKER = ".done"
 META = "meta.json"
 FAILURES = "failures.jsonl"
+LOCK = ".lock"  # OUT/.lock: flock-ed by the run writing OUT while it runs (deleted at its end)
+OWNER = ".owner"  # OUT/.partial/.owner: that run's token; workers commit under its flock
+LOCK_WAIT_S = 2.0  # how long a run waits for OUT/.lock before reporting OUT busy
+CHECK_EVERY_S = 0.2  # how often a worker checks, between frames, that its run still owns OUT
+_RESERVED = re.compile(r"(\.partial|\.lock|failures\.jsonl|all\.txt|(train|test)_split\d+\.txt)")
 INDEX_BASE = 1
 MODALITIES = ("rgb", "flow", "both")
 
@@ -100,6 +124,136 @@ class VideoResult:
     splits: dict[str, str] = field(default_factory=dict)
 
 
+class OutputBusy(RuntimeError):
+    """OUT is being written by another live run; str() is one line."""
+
+
+class Superseded(RuntimeError):
+    """The run that started this work died or was replaced by a rerun: the work is dropped."""
+
+
+@dataclass
+class Claim:
+    """A run's ownership of OUT, handed to its workers (picklable: processes and Dask too)."""
+
+    out_root: Path
+    token: str
+    pid: int  # the run's process
+    _checked: float = field(default=0.0, compare=False, repr=False)  # last check (monotonic)
+
+    @property
+    def owner_file(self) -> Path:
+        return self.out_root / PARTIAL_DIR / OWNER
+
+    def current(self) -> bool:
+        """True while the run is alive (holds OUT/.lock) and no rerun has replaced its token."""
+        if os.getpid() != self.pid and not is_locked(self.out_root / LOCK):
+            return False
+        try:
+            return self.owner_file.read_text() == self.token
+        except OSError:
+            return False
+
+    def check(self) -> None:
+        """Raise Superseded when the run no longer owns OUT (looks at most every CHECK_EVERY_S)."""
+        now = time.monotonic()
+        if now - self._checked >= CHECK_EVERY_S:
+            if not self.current():
+                raise Superseded("the run that started this video died or was replaced")
+            self._checked = now
+
+    @contextmanager
+    def commit(self) -> Iterator[None]:
+        """Hold the flock of .owner, and raise Superseded unless this run still owns OUT."""
+        try:
+            fd = os.open(self.owner_file, os.O_RDWR)
+        except FileNotFoundError:
+            raise Superseded("the run that started this video has ended") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.pread(fd, 256, 0).decode(errors="replace") != self.token or (
+                os.getpid() != self.pid and not is_locked(self.out_root / LOCK)
+            ):
+                raise Superseded("the run that started this video died or was replaced")
+            yield
+        finally:
+            os.close(fd)
+
+    def revoke(self) -> None:
+        """End the claim: a commit in progress completes, none starts after this returns."""
+        try:
+            _write_owner(self.out_root / PARTIAL_DIR, "")
+        except OSError:
+            pass
+
+
+def _write_owner(partial: Path, token: str) -> None:
+    fd = os.open(partial / OWNER, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits for a worker's commit in progress
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, token.encode(), 0)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def claim_output(out_root: Path) -> Iterator[Claim]:
+    """Own OUT for a run: lock it, take over from any killed run, clean up staging at the end.
+
+    Raises OutputBusy when another live run holds OUT/.lock for more than LOCK_WAIT_S.
+    """
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    lock_fd = lock_exclusive(out_root / LOCK, LOCK_WAIT_S)
+    if lock_fd is None:
+        raise OutputBusy(
+            f"{out_root}: another flowprep run is writing here (it holds {LOCK}); "
+            "wait for it to finish"
+        )
+    partial = out_root / PARTIAL_DIR
+    claim = Claim(out_root, f"{os.getpid()}-{secrets.token_hex(8)}", os.getpid())
+    try:
+        partial.mkdir(exist_ok=True)
+        _write_owner(partial, claim.token)  # workers of a killed run can no longer commit
+        for child in partial.iterdir():  # leftovers of killed runs
+            if child.name != OWNER:
+                _remove(child)
+        yield claim
+    finally:
+        claim.revoke()
+        shutil.rmtree(partial, ignore_errors=True)
+        release_lock(out_root / LOCK, lock_fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+_watched: set[int] = set()
+
+
+def _exit_with_parent(run_pid: int) -> None:
+    """In a worker process the run started (joblib/loky), exit as soon as the run dies.
+
+    A kill -9 of the run leaves its workers orphaned; a daemon thread notices the new parent
+    within half a second and ends the process. Threads of the run itself are not affected.
+    """
+    if os.getppid() != run_pid or run_pid in _watched:
+        return
+    _watched.add(run_pid)
+
+    def watch() -> None:
+        while os.getppid() == run_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="flowprep-parent-watch", daemon=True).start()
+
+
 def source_identity(path: Path) -> dict:
     """Size and modification time of a source video, so a replaced file is redone."""
     st = path.stat()
@@ -116,6 +270,32 @@ def is_done(out_dir: Path, settings: ExtractSettings, source: Path) -> bool:
         )
     except (OSError, ValueError):
         return False
+
+
+def finished_result(
+    entry: VideoEntry, video_root: Path, out_root: Path, settings: ExtractSettings
+) -> VideoResult | None:
+    """A "skipped" result when OUT/<video_id> is finished for these settings and this source.
+
+    A folder whose marker matches but whose meta.json is missing or unreadable is not finished.
+    """
+    source, final = Path(video_root) / entry.path, Path(out_root) / entry.video_id
+    if not source.exists() or not is_done(final, settings, source):
+        return None
+    try:
+        num_frames = json.loads((final / META).read_text())["num_frames"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(num_frames, int) or isinstance(num_frames, bool):
+        return None
+    return VideoResult(
+        entry.video_id,
+        "skipped",
+        num_frames=num_frames,
+        source=entry.path,
+        label_index=entry.label_index,
+        splits=dict(entry.splits),
+    )
 
 
 def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
@@ -214,11 +394,14 @@ def _write_frames(
     settings: ExtractSettings,
     options: RuntimeOptions,
     service: FlowService | None,
+    claim: Claim | None = None,
 ) -> dict:
     """Decode `source` into `folder`; return the counts and sizes for meta.json."""
     flow = FlowWriter(folder, settings, options, service) if settings.wants_flow else None
     count, shape = 0, (0, 0)
     for rgb in iter_frames(source, short_side=settings.short_side, threads=options.threads):
+        if claim is not None:
+            claim.check()
         if settings.wants_rgb:
             (folder / frame_name("img", count)).write_bytes(encode_jpeg(rgb, settings.jpeg_quality))
         if flow is not None:
@@ -243,12 +426,18 @@ def extract_video(
     options: RuntimeOptions = RuntimeOptions(),
     force: bool = False,
     service: FlowService | None = None,
+    claim: Claim | None = None,
 ) -> VideoResult:
     """Extract one video into out_root/<video_id>/, or skip it when already done.
 
     Never raises for a bad video: the failure and its one-line reason are in the result, and
-    an earlier finished output of the same video is left untouched.
+    an earlier finished output of the same video is left untouched. With a `claim` (from
+    run_batch) the video is written only while that run owns OUT.
     """
+    if not force:
+        done = finished_result(entry, Path(video_root), Path(out_root), settings)
+        if done is not None:
+            return done
     source = Path(video_root) / entry.path
     final = Path(out_root) / entry.video_id
     result = VideoResult(
@@ -258,17 +447,14 @@ def extract_video(
         label_index=entry.label_index,
         splits=dict(entry.splits),
     )
-    if not force and source.exists() and is_done(final, settings, source):
-        result.status = "skipped"
-        result.num_frames = json.loads((final / META).read_text())["num_frames"]
-        return result
-    staging = Path(out_root) / PARTIAL_DIR / entry.video_id
+    staging = old = None
     try:
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
+        if claim is not None:
+            _exit_with_parent(claim.pid)
+            claim.check()
         info = probe(source)
-        counts = _write_frames(source, staging, settings, options, service)
+        staging = _new_staging(Path(out_root), entry.video_id, make_root=claim is None)
+        counts = _write_frames(source, staging, settings, options, service, claim)
         meta = {
             "video_id": entry.video_id,
             "source": entry.path,
@@ -291,37 +477,70 @@ def extract_video(
         write_json_atomic(
             staging / MARKER, {"settings_hash": settings.digest(), **source_identity(source)}
         )
-        _swap_into_place(staging, final)
+        with claim.commit() if claim is not None else nullcontext():
+            old = _swap_into_place(staging, final)
         result.num_frames = counts["num_frames"]
     except VideoError as exc:
         result.status, result.reason = "failed", str(exc)
     except Exception as exc:  # noqa: BLE001 - one bad video must not stop the batch
         result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        for folder in (staging, old):
+            if folder is not None and folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)
     return result
 
 
-def _swap_into_place(staging: Path, final: Path) -> None:
-    """Rename the finished staging folder to `final`, replacing an older version of it."""
+def _new_staging(out_root: Path, video_id: str, make_root: bool) -> Path:
+    """A fresh staging folder of this attempt, OUT/.partial/<name>.<pid>.<random>.
+
+    Within a run, OUT/.partial exists; it is not recreated, so a worker of an ended run fails
+    here instead of leaving files behind.
+    """
+    partial = out_root / PARTIAL_DIR
+    if make_root:
+        partial.mkdir(parents=True, exist_ok=True)
+    name = PurePosixPath(video_id).name[:64]
+    while True:
+        staging = partial / f"{name}.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            staging.mkdir()
+            return staging
+        except FileExistsError:
+            continue
+
+
+def _swap_into_place(staging: Path, final: Path) -> Path | None:
+    """Rename the finished staging folder to `final`; return the older version moved aside."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        old = staging.with_name(staging.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
+    if not final.exists():
         os.rename(staging, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(staging, final)
+        return None
+    old = staging.with_name(staging.name + ".old")
+    os.rename(final, old)
+    os.rename(staging, final)
+    return old
 
 
 def plan(entries: list[VideoEntry]) -> tuple[list[VideoEntry], list[VideoResult]]:
-    """Split entries into unique work and failures for ids that two sources share."""
+    """Split entries into unique work and failures for ids that two sources share.
+
+    Ids whose first part names one of flowprep's own files in OUT (.partial, .lock, the
+    reports) fail too.
+    """
     seen: dict[str, VideoEntry] = {}
     clashes = []
     for entry in entries:
-        if entry.video_id in seen:
+        if _RESERVED.fullmatch(PurePosixPath(entry.video_id).parts[0]):
+            clashes.append(
+                VideoResult(
+                    entry.video_id,
+                    "failed",
+                    source=entry.path,
+                    reason="video id is reserved for flowprep's own files in the output folder",
+                )
+            )
+        elif entry.video_id in seen:
             clashes.append(
                 VideoResult(
                     entry.video_id,
@@ -378,32 +597,44 @@ def run_batch(
     `mapper(function, argument tuples)` yields results in any order. By default RGB and OpenCV
     flow run in `jobs` joblib processes; torch flow runs `jobs` decoding threads that share one
     FlowService (a thread per device), so decoding, flow and JPEG encoding overlap. With
-    `strict`, the batch stops at the first failure. Results come back sorted by video id.
+    `strict`, the batch stops at the first failure; videos it did not get to that are already
+    finished are still reported (as skipped) and listed. The run owns OUT while it works
+    (`claim_output`; OutputBusy if another live run does). Results come back sorted by video id.
     """
     out_root = Path(out_root)
-    out_root.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out_root / PARTIAL_DIR, ignore_errors=True)  # leftovers of a killed run
     work, results = plan(entries)
-    service = None
-    if mapper is None and settings.wants_flow and settings.flow_backend == "torch":
-        devices = resolve_devices(options.device)
-        service = FlowService(devices, backend="torch", compile=options.flow_compile)
-        mapper = thread_mapper(max(jobs, 2 * len(devices)))
-    args = [(e, Path(video_root), out_root, settings, options, force, service) for e in work]
-    stream = (mapper or joblib_mapper(jobs))(extract_video, args)
-    try:
-        for result in stream:
-            results.append(result)
-            if on_result:
-                on_result(result)
-            if strict and result.status == "failed":
-                break
-    finally:
-        stream.close()  # stops the workers before the service they may still be using
-        if service is not None:
-            service.close()
-    shutil.rmtree(out_root / PARTIAL_DIR, ignore_errors=True)
-    write_reports(out_root, results)
+    with claim_output(out_root) as claim:
+        service = None
+        if mapper is None and settings.wants_flow and settings.flow_backend == "torch":
+            devices = resolve_devices(options.device)
+            service = FlowService(devices, backend="torch", compile=options.flow_compile)
+            mapper = thread_mapper(max(jobs, 2 * len(devices)))
+        root = Path(video_root)
+        args = [(e, root, out_root, settings, options, force, service, claim) for e in work]
+        stream = (mapper or joblib_mapper(jobs))(extract_video, args)
+        visited = set()
+        try:
+            for result in stream:
+                visited.add(result.video_id)
+                results.append(result)
+                if on_result:
+                    on_result(result)
+                if strict and result.status == "failed":
+                    break
+        finally:
+            claim.revoke()  # no worker moves a video into place from here on
+            stream.close()  # stops the workers before the service they may still be using
+            if service is not None:
+                service.close()
+        for entry in work:  # not reached (--strict): finished ones still belong in the lists
+            if entry.video_id in visited:
+                continue
+            done = finished_result(entry, root, out_root, settings)
+            if done is not None:
+                results.append(done)
+                if on_result:
+                    on_result(done)
+        write_reports(out_root, results)
     return sorted(results, key=lambda r: r.video_id)
 
 

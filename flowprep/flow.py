@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from flowprep.tvl1 import TVL1Params
+from flowprep.tvl1 import TVL1Params, check_torch_params
 
 BACKENDS = ("torch", "opencv")
 CPU_CHUNK_PIXELS = 1 << 17  # pixels per torch call on the CPU (one 341x256 pair = 87 k)
@@ -161,7 +161,8 @@ def compute_flow(
 
     Returns float32 (..., H, W, 2), [..., 0] = x, with prev(x, y) ≈ nxt(x + u, y + v). `params` are
     OpenCV's DualTVL1 ones (tau, lambda_ or lambda, theta, nscales, warps, epsilon,
-    inner_iterations, outer_iterations, scale_step, median_filtering, gamma) with its defaults.
+    inner_iterations, outer_iterations, scale_step, median_filtering, gamma) with its defaults;
+    gamma > 0 (OpenCV's illumination term) is only available with the opencv backend.
     The torch backend runs on `device` (auto: CUDA if present), eagerly unless `compile` (worth it
     for long jobs only: the first call compiles for tens of seconds); the opencv backend runs
     `jobs` processes (default: one per core).
@@ -169,6 +170,8 @@ def compute_flow(
     if backend not in BACKENDS:
         raise ValueError(f"flow backend must be one of {BACKENDS}, got {backend!r}")
     config = make_params(**params)
+    if backend == "torch":
+        check_torch_params(config)
     a, b, single = _as_batch(prev, nxt)
     if backend == "torch":
         flow = _flow_torch(a, b, device, config, compile)

@@ -45,21 +45,24 @@ class VideoEntry:
     splits: dict[str, str] = field(default_factory=dict)  # split number -> train|test|unused
 
 
-def safe_relative_path(raw: str, *, where: str) -> str:
-    """Return `raw` as a normalised relative posix path that cannot leave the video root.
+def safe_relative_path(
+    raw: str, *, where: str, what: str = "path", inside: str = "the video root"
+) -> str:
+    """Return `raw` as a normalised relative posix path that cannot leave its root.
 
-    Split files are user input: absolute paths and `..` components are rejected with a
-    one-line ManifestError naming `where` (file:line). The check is lexical on purpose, so a
-    corpus whose class folders are symlinks to other disks still indexes.
+    Split files and manifests are user input: empty, absolute paths and `..` components are
+    rejected with a one-line ManifestError naming `where` (file:line), `what` the value is and
+    the folder it must stay `inside`. The check is lexical on purpose, so a corpus whose class
+    folders are symlinks to other disks still indexes.
     """
     text = raw.strip().replace("\\", "/")
     posix = PurePosixPath(text)
-    if not text or posix.is_absolute() or re.match(r"^[A-Za-z]:", text):
-        raise ManifestError(
-            f"{where}: path {raw!r} is absolute; split files must list relative paths"
-        )
+    if not posix.parts or posix.parts == (".",):
+        raise ManifestError(f"{where}: {what} {raw!r} is empty")
+    if posix.is_absolute() or re.match(r"^[A-Za-z]:", text):
+        raise ManifestError(f"{where}: {what} {raw!r} is absolute; it must be a relative path")
     if ".." in posix.parts:
-        raise ManifestError(f"{where}: path {raw!r} leaves the video root ('..' is not allowed)")
+        raise ManifestError(f"{where}: {what} {raw!r} leaves {inside} ('..' is not allowed)")
     return str(posix)
 
 
@@ -143,7 +146,8 @@ def index_hmdb51(split_dir: Path) -> list[VideoEntry]:
             parts = line.split()
             if len(parts) != 2 or parts[1] not in _HMDB_KIND:
                 raise ManifestError(f"{path}:{n}: expected '<video file> <0|1|2>', got {line!r}")
-            rel = safe_relative_path(f"{label}/{parts[0]}", where=f"{path}:{n}")
+            name = safe_relative_path(parts[0], where=f"{path}:{n}")  # before the class folder
+            rel = f"{label}/{name}"
             entry = entries.setdefault(rel, VideoEntry(video_id_for(rel), rel, label, index[label]))
             entry.splits[split] = _HMDB_KIND[parts[1]]
     return sorted(entries.values(), key=lambda e: e.video_id)
@@ -209,21 +213,40 @@ def write_manifest(entries: Iterable[VideoEntry], path: Path) -> None:
     write_text_atomic(Path(path), "".join(lines))
 
 
+def _manifest_text(raw: dict, key: str, where: str) -> str:
+    value = raw[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ManifestError(f"{where}: {key} must be a string, got {value!r}")
+    return str(value)
+
+
 def read_manifest(path: Path) -> list[VideoEntry]:
-    """Read a JSON-lines manifest; a malformed line is a one-line ManifestError."""
+    """Read a JSON-lines manifest; a malformed line is a one-line ManifestError.
+
+    `video_id` names a folder under the output root and `path` a file under the video root, so
+    both must be non-empty relative paths without `..` (they are normalised like split paths).
+    """
     entries = []
     for n, line in _read_lines(Path(path)):
+        where = f"{path}:{n}"
         try:
             raw = json.loads(line)
+            video_id = safe_relative_path(
+                _manifest_text(raw, "video_id", where),
+                where=where,
+                what="video_id",
+                inside="the output folder",
+            )
+            rel = safe_relative_path(_manifest_text(raw, "path", where), where=where)
             entries.append(
                 VideoEntry(
-                    video_id=str(raw["video_id"]),
-                    path=str(raw["path"]),
+                    video_id=video_id,
+                    path=rel,
                     label=raw.get("label"),
                     label_index=raw.get("label_index"),
                     splits={str(k): str(v) for k, v in (raw.get("splits") or {}).items()},
                 )
             )
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ManifestError(f"{path}:{n}: not a manifest line ({exc})") from None
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ManifestError(f"{where}: not a manifest line ({exc})") from None
     return entries

@@ -34,17 +34,26 @@ class TVL1Params:
     outer_iterations: int = 10  # median-filter rounds per warp
     scale_step: float = 0.8  # resize factor between pyramid levels
     median_filtering: int = 5  # median kernel applied to u each outer iteration (<= 1: none)
-    gamma: float = 0.0  # illumination term weight (only 0 is supported)
+    gamma: float = 0.0  # illumination term weight (opencv backend only; torch needs 0)
 
     def __post_init__(self) -> None:
-        if self.gamma != 0.0:
-            raise ValueError("gamma != 0 (illumination term) is not supported by the torch backend")
+        if self.gamma < 0.0:
+            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
         if not 0.0 < self.scale_step < 1.0:
             raise ValueError(f"scale_step must be in (0, 1), got {self.scale_step}")
         if self.nscales < 1 or self.warps < 1:
             raise ValueError(f"nscales and warps must be >= 1, got {self.nscales}, {self.warps}")
         if self.median_filtering > 1 and self.median_filtering % 2 == 0:
             raise ValueError(f"median_filtering must be odd, got {self.median_filtering}")
+
+
+def check_torch_params(params: TVL1Params) -> None:
+    """Reject what our torch TV-L1 does not implement: the illumination term (gamma > 0)."""
+    if params.gamma != 0.0:
+        raise ValueError(
+            f"gamma={params.gamma}: the illumination term is not implemented by the torch "
+            "backend; use backend='opencv' (--flow-backend opencv) or gamma=0"
+        )
 
 
 def _linear_matrix(n_out: int, n_in: int, scale: float, like: torch.Tensor) -> torch.Tensor:
@@ -315,6 +324,7 @@ def tvl1(
     runs the inner iteration through torch.compile (pays off for long jobs, costs a cold compile).
     """
     params = params or TVL1Params()
+    check_torch_params(params)
     pyr0 = build_pyramid(i0[:, None].float(), params)
     pyr1 = build_pyramid(i1[:, None].float(), params)
     b = i0.shape[0]

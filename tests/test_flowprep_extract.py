@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,8 +17,10 @@ from bad_videos import SHARED, make_bad_videos
 from click.testing import CliRunner
 from PIL import Image
 
+from flowprep import extract
+from flowprep.atomic import lock_exclusive
 from flowprep.cli import EXIT_SOME_FAILED, main
-from flowprep.extract import ExtractSettings, extract_video, run_batch
+from flowprep.extract import ExtractSettings, claim_output, extract_video, run_batch
 from flowprep.manifest import VideoEntry, build_manifest, write_manifest
 from pipelines.synthetic import moving_shapes, write_video
 
@@ -121,6 +124,29 @@ def test_strict_stops_at_first_failure(tmp_path: Path) -> None:
     assert "--strict" in result.output
 
 
+def test_strict_stop_keeps_every_finished_video_in_the_lists(tmp_path: Path) -> None:
+    root, out = tmp_path / "v", tmp_path / "o"
+    for name in ("a", "c"):
+        write_video(root / f"{name}.avi", moving_shapes(3, 32, 32))
+    (root / "b.avi").write_text("not a video\n")
+    args = ["extract", str(root), "-o", str(out), "-q"]
+    assert CliRunner().invoke(main, args).exit_code == EXIT_SOME_FAILED
+    assert (out / "all.txt").read_text() == "a 3 -1\nc 3 -1\n"
+    result = CliRunner().invoke(main, [*args, "--strict"])  # a: skipped, b: fails -> stop
+    assert result.exit_code == EXIT_SOME_FAILED
+    assert "2 succeeded (0 extracted, 2 already done), 1 failed" in result.output
+    assert (out / "all.txt").read_text() == "a 3 -1\nc 3 -1\n"  # c was not reached: still listed
+
+
+def test_empty_source_folder_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no videos here\n")
+    result = CliRunner().invoke(main, ["extract", str(tmp_path / "empty"), "-o", "o"])
+    assert result.exit_code == 1
+    assert result.output == f"Error: no videos found in {tmp_path / 'empty'}\n"
+    assert not (tmp_path / "o").exists()
+
+
 def test_manifest_with_missing_video_and_splits(tmp_path: Path) -> None:
     write_video(tmp_path / "v" / "run" / "a.avi", moving_shapes(3, 32, 32))
     entries = [
@@ -141,6 +167,23 @@ def test_manifest_with_missing_video_and_splits(tmp_path: Path) -> None:
         "source": "run/gone.avi",
         "reason": "file not found",
     }
+
+
+def test_ids_that_name_flowprep_files_in_out_fail(tmp_path: Path) -> None:
+    write_video(tmp_path / "v" / "a.avi", moving_shapes(2, 32, 32))
+    entries = [
+        VideoEntry(vid, "a.avi") for vid in (".partial/x", ".lock", "all.txt", "train_split1.txt")
+    ]
+    results = run_batch(
+        [VideoEntry("a", "a.avi"), *entries], tmp_path / "v", tmp_path / "o", ExtractSettings()
+    )
+    assert {r.video_id: r.status for r in results} == {
+        ".lock": "failed", ".partial/x": "failed", "a": "done", "all.txt": "failed",
+        "train_split1.txt": "failed",
+    }  # fmt: skip
+    assert all("reserved" in r.reason for r in results if r.video_id != "a")
+    assert (tmp_path / "o" / "all.txt").read_text() == "a 2 -1\n"
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a", "all.txt", "failures.jsonl"]
 
 
 def test_resume_skips_done_redoes_partial_and_changed(corpus: Path, tmp_path: Path) -> None:
@@ -165,6 +208,24 @@ def test_resume_skips_done_redoes_partial_and_changed(corpus: Path, tmp_path: Pa
     assert {r.status for r in run_batch(entries, corpus, out, smaller)} == {"done"}
     assert Image.open(out / "walk/moving/img_00001.jpg").size == (171, 128)
     assert {r.status for r in run_batch(entries, corpus, out, smaller, force=True)} == {"done"}
+
+
+def test_done_marker_without_readable_meta_is_redone(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    entries = build_manifest(corpus)
+    run_batch(entries, corpus, out, ExtractSettings())
+    before = tree_bytes(out)
+    (out / "walk/moving/meta.json").unlink()
+    (out / "wave/odd/meta.json").write_text('{"num_frames": ')
+    (out / "wave/portrait/meta.json").write_text('{"num_frames": "4"}')
+    results = {r.video_id: r.status for r in run_batch(entries, corpus, out, ExtractSettings())}
+    assert results == {
+        "walk/moving": "done",
+        "walk/single": "skipped",
+        "wave/odd": "done",
+        "wave/portrait": "done",
+    }
+    assert tree_bytes(out) == before
 
 
 def test_failed_redo_keeps_earlier_output(tmp_path: Path) -> None:
@@ -192,6 +253,12 @@ def test_bad_source_and_options_are_one_line(tmp_path: Path) -> None:
     )
     result = CliRunner().invoke(main, ["extract", str(tmp_path), "-o", "o", "--quality", "0"])
     assert result.exit_code == 2 and "--quality" in result.output
+
+
+def test_jobs_help_names_processes_and_threads() -> None:
+    text = " ".join(CliRunner().invoke(main, ["extract", "--help"]).output.split())
+    assert "joblib processes with --modality rgb or --flow-backend opencv" in text
+    assert "torch flow backend, decoding threads (at least two per device)" in text
 
 
 def test_every_command_and_option_has_help() -> None:
@@ -249,3 +316,85 @@ def test_kill_9_then_rerun_is_byte_identical(tmp_path: Path) -> None:
     )
     assert "already done" in done.stderr
     assert tree_bytes(out) == tree_bytes(reference)
+
+
+def _children(pid: int) -> list[int]:
+    """Child process ids of `pid`, from /proc (Linux)."""
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def _running(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_kill_9_with_worker_processes_then_rerun_is_byte_identical(tmp_path: Path) -> None:
+    # -j 2 on RGB runs joblib (loky) worker processes; kill -9 reaches only the parent, as an
+    # OOM killer would, and the rerun starts at once. 300-frame clips keep the workers busy
+    # well past the kill: orphans must not write into OUT while the rerun rebuilds it.
+    clip = write_video(tmp_path / "clip.avi", moving_shapes(300, 240, 320, seed=0))
+    root = tmp_path / "v"
+    for i in range(4):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(clip, root / f"c{i % 2}" / f"clip{i}.avi")
+    args = ("extract", str(root), "-q", "-j", "2", "--short-side", "0", "-o")
+    subprocess.run(_flowprep(*args, str(tmp_path / "ref")), check=True)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_flowprep(*args, str(out)), stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not list(out.glob("*/*/.done")) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    workers = _children(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert workers and len(list(out.glob("*/*/.done"))) < 4, "nothing left to interrupt"
+    rerun = subprocess.run(_flowprep(*args, str(out)), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert (out / "failures.jsonl").read_text() == ""
+    assert tree_bytes(out) == tree_bytes(tmp_path / "ref")
+    deadline = time.monotonic() + 10  # the orphaned workers notice their parent died and exit
+    while any(_running(pid) for pid in workers):
+        assert time.monotonic() < deadline, "orphaned worker processes outlived their parent"
+        time.sleep(0.05)
+
+
+def test_workers_of_a_replaced_run_write_nothing(tmp_path: Path) -> None:
+    write_video(tmp_path / "v" / "a.avi", moving_shapes(3, 32, 32))
+    entry, out = VideoEntry("a", "a.avi"), tmp_path / "o"
+    with claim_output(out) as killed_run:
+        pass  # a run that ended (or was killed) while one of its workers still holds its claim
+    with claim_output(out) as rerun:
+        stale = extract_video(entry, tmp_path / "v", out, ExtractSettings(), claim=killed_run)
+        assert (stale.status, stale.reason.split(":")[0]) == ("failed", "Superseded")
+        assert not (out / "a").exists()
+        assert [p.name for p in (out / ".partial").iterdir()] == [".owner"]
+        fresh = extract_video(entry, tmp_path / "v", out, ExtractSettings(), claim=rerun)
+        assert fresh.status == "done" and (out / "a" / ".done").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["a"]  # no .partial, no .lock
+
+
+def test_second_live_run_on_the_same_output_is_refused(tmp_path: Path, monkeypatch) -> None:
+    write_video(tmp_path / "v" / "a.avi", moving_shapes(3, 32, 32))
+    (tmp_path / "o").mkdir()
+    monkeypatch.setattr(extract, "LOCK_WAIT_S", 0.1)
+    fd = lock_exclusive(tmp_path / "o" / ".lock")  # as a live run holds it
+    try:
+        result = CliRunner().invoke(
+            main, ["extract", str(tmp_path / "v"), "-o", str(tmp_path / "o"), "-q"]
+        )
+    finally:
+        os.close(fd)
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: {tmp_path / 'o'}: another flowprep run is writing here (it holds .lock); "
+        "wait for it to finish\n"
+    )
+    assert not (tmp_path / "o" / "a").exists()

@@ -183,6 +183,24 @@ def test_lambda_alias_and_defaults():
     assert TVL1Params() == TVL1Params(0.25, 0.15, 0.3, 5, 5, 0.01, 30, 10, 0.8, 5, 0.0)
 
 
+def test_gamma_reaches_opencv_and_is_refused_by_torch():
+    a, b = middlebury("rubberwhale1")[:32, :40], middlebury("rubberwhale2")[:32, :40]
+    kw = dict(backend="opencv", jobs=1, nscales=2)
+    plain = compute_flow(a, b, **kw)
+    lit = compute_flow(a, (b * 0.8).astype(np.uint8), gamma=0.3, **kw)  # illumination change
+    assert np.isfinite(lit).all()
+    assert np.abs(compute_flow(a, (b * 0.8).astype(np.uint8), **kw) - lit).max() > 0.1
+    np.testing.assert_array_equal(compute_flow(a, b, gamma=0.0, **kw), plain)
+    with pytest.raises(ValueError) as info:
+        compute_flow(a, b, backend="torch", device="cpu", gamma=0.3)
+    assert str(info.value) == (
+        "gamma=0.3: the illumination term is not implemented by the torch backend; "
+        "use backend='opencv' (--flow-backend opencv) or gamma=0"
+    )
+    with pytest.raises(ValueError, match="gamma must be >= 0"):
+        compute_flow(a, b, backend="opencv", gamma=-1.0)
+
+
 def test_building_blocks_match_opencv():
     rng = np.random.default_rng(3)
     img = (rng.random((37, 53)) * 255).astype(np.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from click.testing import CliRunner
 
 from flowprep.cli import main
 from flowprep.manifest import ManifestError, build_manifest, read_manifest, write_manifest
+from pipelines.synthetic import moving_shapes, write_video
 
 
 def _touch(root: Path, rel: str) -> None:
@@ -108,3 +110,74 @@ def test_bad_class_file_is_one_line(tmp_path: Path) -> None:
         result.output
         == f"Error: {tmp_path / 'classInd.txt'}:2: expected '<1-based id> <class>', got 'three B'\n"
     )
+
+
+def test_hmdb51_checks_the_listed_name_before_adding_the_class(tmp_path: Path) -> None:
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    (splits / "wave_test_split1.txt").write_text("wave_a.avi 1\n/etc/passwd.avi 2\n")
+    with pytest.raises(ManifestError) as err:
+        build_manifest(tmp_path, splits)
+    assert str(err.value) == (
+        f"{splits / 'wave_test_split1.txt'}:2: path '/etc/passwd.avi' is absolute; "
+        "it must be a relative path"
+    )
+    (splits / "wave_test_split1.txt").write_text("../../etc/passwd.avi 1\n")
+    with pytest.raises(ManifestError, match=r"_test_split1.txt:1: path .* leaves the video root"):
+        build_manifest(tmp_path, splits)
+
+
+@pytest.mark.parametrize(
+    "field, value, cause",
+    [
+        ("video_id", "../escaped", "video_id '../escaped' leaves the output folder"),
+        ("video_id", "a/../../victim", "video_id 'a/../../victim' leaves the output folder"),
+        ("video_id", "/tmp/abs", "video_id '/tmp/abs' is absolute"),
+        ("video_id", "", "video_id '' is empty"),
+        ("video_id", "./", "video_id './' is empty"),
+        ("video_id", None, "video_id must be a string"),
+        ("path", "../v/a.avi", "path '../v/a.avi' leaves the video root"),
+        ("path", "/etc/passwd", "path '/etc/passwd' is absolute"),
+    ],
+)
+def test_read_manifest_rejects_ids_and_paths_that_leave_their_root(
+    tmp_path: Path, field: str, value: object, cause: str
+) -> None:
+    good = {"video_id": "run/a", "path": "run/a.avi", "label": "run", "label_index": 0}
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps(good) + "\n" + json.dumps({**good, field: value}) + "\n")
+    with pytest.raises(ManifestError) as err:
+        read_manifest(manifest)
+    assert str(err.value).startswith(f"{manifest}:2: {cause}")
+    assert "\n" not in str(err.value)
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize("video_id", ["../victim", "../../victim", "../escaped", "<tmp>/abs/x"])
+def test_extract_with_a_hostile_manifest_touches_nothing(tmp_path: Path, video_id: str) -> None:
+    video_id = video_id.replace("<tmp>", str(tmp_path))  # an absolute id, inside the sandbox
+    write_video(tmp_path / "v" / "a.avi", moving_shapes(2, 32, 32))
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "victim" / "precious.txt").write_text("keep me\n")
+    manifest = tmp_path / "v" / "m.jsonl"
+    manifest.write_text(json.dumps({"video_id": video_id, "path": "a.avi"}) + "\n")
+    before = _snapshot(tmp_path)
+    out = tmp_path / "work" / "out"
+    result = CliRunner().invoke(main, ["extract", str(manifest), "-o", str(out), "-q"])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {manifest}:1: video_id {video_id!r} ")
+    assert result.output.count("\n") == 1
+    assert _snapshot(tmp_path) == before  # OUT not even created, the victim untouched
+
+
+def test_empty_manifest_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "m.jsonl").write_text("\n")
+    result = CliRunner().invoke(main, ["extract", str(tmp_path / "m.jsonl"), "-o", "o"])
+    assert result.exit_code == 1
+    assert result.output == f"Error: {tmp_path / 'm.jsonl'}: the manifest lists no videos\n"
