@@ -5,6 +5,7 @@ Each command parses options, calls a function from its own module and reports; n
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -14,7 +15,14 @@ import click
 from tqdm import tqdm
 
 from flowprep import __version__
-from flowprep.extract import MODALITIES, ExtractSettings, RuntimeOptions, VideoResult, run_batch
+from flowprep.extract import (
+    MODALITIES,
+    ExtractSettings,
+    OutputBusy,
+    RuntimeOptions,
+    VideoResult,
+    run_batch,
+)
 from flowprep.manifest import (
     ManifestError,
     build_manifest,
@@ -22,6 +30,8 @@ from flowprep.manifest import (
     read_manifest,
     write_manifest,
 )
+from flowprep.shards import ShardError, extract_to_shards, pack_command, parse_size
+from flowprep.verify import verify_command
 from flowprep.viz import viz_command
 
 EXIT_SOME_FAILED = 3
@@ -74,11 +84,17 @@ def index_command(video_root: Path, split_dir: Path | None, fmt: str, output: Pa
 
 
 def _load_entries(source: Path, video_root: Path | None) -> tuple[list, Path]:
-    """Entries and video root from a manifest file or a folder of videos."""
+    """Entries and video root from a manifest file or a folder of videos (none: an error)."""
     if source.is_dir():
-        return index_folder(source), source
+        entries = index_folder(source)
+        if not entries:
+            raise click.ClickException(f"no videos found in {source}")
+        return entries, source
     try:
-        return read_manifest(source), (video_root or source.parent)
+        entries = read_manifest(source)
+        if not entries:
+            raise click.ClickException(f"{source}: the manifest lists no videos")
+        return entries, (video_root or source.parent)
     except ManifestError as exc:
         raise click.ClickException(str(exc)) from None
     except UnicodeDecodeError:
@@ -172,7 +188,9 @@ def _load_entries(source: Path, video_root: Path | None) -> tuple[list, Path]:
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Videos processed in parallel (joblib processes, or Dask workers).",
+    help="Videos processed in parallel: joblib processes with --modality rgb or --flow-backend "
+    "opencv; with the torch flow backend, decoding threads (at least two per device) that feed "
+    "one flow worker per device; Dask workers with --backend dask.",
 )
 @click.option(
     "--backend",
@@ -185,6 +203,21 @@ def _load_entries(source: Path, video_root: Path | None) -> tuple[list, Path]:
     "--scheduler",
     help="Dask scheduler address (tcp://host:8786); without it a local cluster "
     "of --jobs workers is started. OUT must be reachable from every worker.",
+)
+@click.option(
+    "--format",
+    "out_format",
+    type=click.Choice(["folders", "hdf5"]),
+    default="folders",
+    show_default=True,
+    help="folders: OUT/<video_id>/*.jpg; hdf5: OUT/shard_*.h5 + index.json, as `flowprep pack` "
+    "writes them (each video is packed as soon as its shard is complete).",
+)
+@click.option(
+    "--shard-size",
+    default="4GB",
+    show_default=True,
+    help="With --format hdf5: target bytes per shard (4GB, 500MB).",
 )
 @click.option("--force", is_flag=True, help="Redo every video, even those already done.")
 @click.option("--strict", is_flag=True, help="Stop at the first video that fails.")
@@ -205,6 +238,8 @@ def extract_command(
     jobs: int,
     backend: str,
     scheduler: str | None,
+    out_format: str,
+    shard_size: str,
     force: bool,
     strict: bool,
     quiet: bool,
@@ -217,7 +252,8 @@ def extract_command(
     its reason in OUT/failures.jsonl and the batch goes on.
 
     Exit status: 0 when every video succeeded, 3 when some failed (or --strict stopped at the
-    first failure), 1 for an unusable SOURCE, 2 for bad options.
+    first failure), 1 for an unusable SOURCE or an OUT that another run is writing, 2 for bad
+    options.
     """
     entries, root = _load_entries(source, video_root)
     try:
@@ -226,6 +262,10 @@ def extract_command(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    try:
+        shard_bytes = parse_size(shard_size)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--shard-size") from None
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
     options = RuntimeOptions(
         device=device, flow_batch=flow_batch, flow_compile=flow_compile, threads=threads
@@ -244,8 +284,11 @@ def extract_command(
             bar.write(f"failed: {result.source}: {result.reason}", file=sys.stderr)
 
     mapper = dask_mapper(scheduler, jobs) if backend == "dask" else None
+    run = run_batch
+    if out_format == "hdf5":
+        run = functools.partial(extract_to_shards, shard_size=shard_bytes)
     try:
-        results = run_batch(
+        results = run(
             entries,
             root,
             out,
@@ -257,6 +300,8 @@ def extract_command(
             mapper=mapper,
             on_result=report,
         )
+    except (ShardError, OutputBusy) as exc:
+        raise click.ClickException(str(exc)) from None
     finally:
         bar.close()
     counts = {k: sum(r.status == k for r in results) for k in ("done", "skipped", "failed")}
@@ -284,3 +329,5 @@ def dask_mapper(scheduler: str | None, jobs: int):
 
 # Commands from other modules are registered below, one line each.
 main.add_command(viz_command, name="viz")
+main.add_command(pack_command, name="pack")
+main.add_command(verify_command, name="verify")

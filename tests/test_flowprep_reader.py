@@ -1,19 +1,32 @@
-"""The reader over frame folders: exact frames back, flow k with frame k, clear errors."""
+"""The reader over frame folders: exact frames back, flow k with frame k, clear errors, and the
+same JPEG verdicts from simplejpeg and from the cv2 fallback."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+import flowprep.reader as reader_module
 from flowprep.extract import ExtractSettings, RuntimeOptions, run_batch
 from flowprep.manifest import build_manifest
 from flowprep.quantize import quantize_flow
-from flowprep.reader import ReaderError, open_reader
+from flowprep.reader import ReaderError, decode_jpeg, open_reader
 from pipelines.synthetic import moving_shapes, write_video
+
+
+@pytest.fixture(params=["simplejpeg", "cv2"])
+def decoder(request, monkeypatch) -> str:
+    if request.param == "cv2":
+        monkeypatch.setattr(reader_module, "simplejpeg", None)
+    elif reader_module.simplejpeg is None:
+        pytest.skip("simplejpeg is not installed")
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +84,48 @@ def test_reader_in_dataloader_workers(frames_root: Path) -> None:
     batches = list(DataLoader(_Frames(frames_root), batch_size=1, num_workers=2))
     direct = [torch.from_numpy(open_reader(frames_root)[v].rgb([0])) for v in ["jump/b", "run/a"]]
     assert all(torch.equal(b[0], d) for b, d in zip(batches, direct, strict=True))
+
+
+def _jpeg(gray: bool) -> bytes:
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (48, 64, 3), np.uint8), (5, 5), 0)
+    image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if gray else image
+    return cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+
+
+def _flipped(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes(b ^ 0x5A for b in data[at : at + 16]) + data[at + 16 :]
+
+
+@pytest.mark.parametrize("gray", [False, True])
+def test_decoders_agree_on_good_and_corrupt_jpegs(decoder: str, gray: bool, capfd) -> None:
+    good = _jpeg(gray)
+    image = decode_jpeg(good, gray=gray, where="x.jpg")
+    assert image.shape == ((48, 64) if gray else (48, 64, 3)) and image.dtype == np.uint8
+    bgr = cv2.imdecode(np.frombuffer(good, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert np.abs(image.astype(int) - (bgr if gray else bgr[..., ::-1])).max() <= 1
+    assert np.array_equal(decode_jpeg(good + b"\0\0", gray=gray, where="x.jpg"), image)
+    corrupt = {
+        "flipped": _flipped(good, len(good) // 2),  # cv2.imdecode alone: a warning, an image
+        "truncated": good[: len(good) // 2],
+        "truncated, end marker kept": good[: len(good) // 2] + b"\xff\xd9",
+        "header": _flipped(good, 20),
+        "garbage": b"not a jpeg",
+        "empty": b"",
+    }
+    for case, data in corrupt.items():
+        with pytest.raises(ReaderError, match=r"^x\.jpg: not a decodable JPEG \(.+\)$"):
+            decode_jpeg(data, gray=gray, where="x.jpg")
+            pytest.fail(f"{decoder} accepted the {case} JPEG")
+    os.write(2, b"fd 2 is back\n")
+    assert capfd.readouterr().err == "fd 2 is back\n"  # libjpeg's warnings became errors
+
+
+def test_reader_in_dataloader_workers_with_cv2_fallback(frames_root: Path, monkeypatch) -> None:
+    monkeypatch.setattr(reader_module, "simplejpeg", None)  # the forked workers inherit it
+    batches = list(DataLoader(_Frames(frames_root), batch_size=1, num_workers=2))
+    monkeypatch.undo()
+    direct = [torch.from_numpy(open_reader(frames_root)[v].rgb([0])) for v in ["jump/b", "run/a"]]
+    assert all(
+        (b[0].int() - d.int()).abs().max() <= 1 for b, d in zip(batches, direct, strict=True)
+    )
