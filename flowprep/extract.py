@@ -51,7 +51,8 @@ LOCK = ".lock"  # OUT/.lock: flock-ed by the run writing OUT while it runs (dele
 OWNER = ".owner"  # OUT/.partial/.owner: that run's token; workers commit under its flock
 LOCK_WAIT_S = 2.0  # how long a run waits for OUT/.lock before reporting OUT busy
 CHECK_EVERY_S = 0.2  # how often a worker checks, between frames, that its run still owns OUT
-_RESERVED = re.compile(r"(\.partial|\.lock|failures\.jsonl|all\.txt|(train|test)_split\d+\.txt)")
+LIST_NAME = re.compile(r"all\.txt|(train|test)_split\d+\.txt")  # the annotation lists
+_RESERVED = re.compile(rf"(\.partial|\.lock|failures\.jsonl|{LIST_NAME.pattern})")
 INDEX_BASE = 1
 MODALITIES = ("rgb", "flow", "both")
 

@@ -32,8 +32,9 @@ import click
 import h5py
 import numpy as np
 
-from flowprep.atomic import write_json_atomic
+from flowprep.atomic import write_json_atomic, write_text_atomic
 from flowprep.extract import (
+    LIST_NAME,
     MARKER,
     META,
     ExtractSettings,
@@ -250,7 +251,9 @@ class ShardWriter:
 def pack(frames_dir: Path, shards_dir: Path, *, shard_size: int = 4 * 10**9) -> dict:
     """Pack every finished video under `frames_dir` into HDF5 shards in `shards_dir`.
 
-    Resumable: videos already packed with the same completion stamp are skipped; returns the index.
+    The annotation lists (all.txt, <split>_split<N>.txt) are copied beside the shards.
+    Resumable: videos already packed with the same completion stamp are skipped; returns the
+    index.
     """
     from flowprep.reader import FolderReader
 
@@ -265,7 +268,11 @@ def pack(frames_dir: Path, shards_dir: Path, *, shard_size: int = 4 * 10**9) -> 
     try:
         for vid in todo:
             writer.add(vid, True)
-        return writer.close()
+        index = writer.close()
+        for listing in sorted(frames_dir.iterdir()):  # the trainer finds them beside the shards
+            if LIST_NAME.fullmatch(listing.name) and listing.is_file():
+                write_text_atomic(Path(shards_dir) / listing.name, listing.read_text())
+        return index
     finally:
         writer.release()
 

@@ -291,3 +291,13 @@ def test_shards_in_dataloader_workers(frames: Path, tmp_path: Path) -> None:
     assert torch.equal(dataset[0], got[0])
     copy = pickle.loads(pickle.dumps(dataset.reader))  # spawn-style workers: no handle crosses
     assert copy._files == {} and np.array_equal(copy["c2/v_c"].rgb([1]), direct["c2/v_c"].rgb([1]))
+
+
+def test_pack_copies_the_annotation_lists(frames: Path, tmp_path: Path) -> None:
+    (frames / "train_split1.txt").write_text("c1/v_a 5 0\n")
+    (frames / "test_split1.txt").write_text("c2/v_c 6 1\n")
+    (frames / "notes.txt").write_text("not a list\n")
+    pack(frames, tmp_path / "s")
+    assert (tmp_path / "s" / "train_split1.txt").read_text() == "c1/v_a 5 0\n"
+    assert (tmp_path / "s" / "test_split1.txt").read_text() == "c2/v_c 6 1\n"
+    assert not (tmp_path / "s" / "notes.txt").exists()

@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from flowprep.shards import pack, read_index
 from strnet.checkpoint import load_checkpoint
 from strnet.config import ConfigError, load_config
 from strnet.train import build_model, initialise, lr_at, train, train_command
@@ -80,9 +81,13 @@ def tiny(clips: Path, out: Path, *extra: str, config: str = "st-resnet"):
 
 
 def test_tiny_st_resnet_overfits_through_the_reader(clips, tmp_path):
+    """Packed into HDF5 shards, read back by flowprep's reader in the training loop."""
+    shards = tmp_path / "shards"
+    pack(clips, shards, shard_size=20_000)
+    assert len(set(read_index(shards)["videos"].values())) > 1  # several shard files
     torch.manual_seed(0)
     cfg = tiny(
-        clips, tmp_path / "run", "data.num_chunks=2", "data.tau_min=1", "data.tau_max=3",
+        shards, tmp_path / "run", "data.num_chunks=2", "data.tau_min=1", "data.tau_max=3",
         "optim.batch_size=6", "optim.micro_batch=6", "optim.lrs=[0.05]", "optim.iterations=[25]",
     )  # fmt: skip
     summary = train(cfg)
