@@ -8,85 +8,48 @@ models: `two_stream_resnet50` (late-fusion baseline), `st_resnet50` (eq. 2 + eq.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from torch import nn
 
-from strnet.resnet import DEPTHS, Bottleneck, ResNet, resnet
+from strnet.resnet import DEPTHS, Bottleneck, resnet
 from strnet.st_resnet import TwoStream
 
 FLOW_STACK = 10  # L flows per motion input (Sec. 3.1)
 
 
-def single_stream(
-    depth: int,
-    *,
-    num_classes: int = 1000,
-    in_channels: int = 3,
-    width: int = 64,
-    bn_sub_batch: int | None = None,
-) -> ResNet:
-    """A 2D ResNet stream; `in_channels` 3 for RGB, 2L for a flow stack."""
-    return resnet(
-        depth,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        width=width,
-        bn_sub_batch=bn_sub_batch,
-    )
-
-
 def two_stream(
     depth: int,
     *,
-    num_classes: int = 101,
     flow_stack: int = FLOW_STACK,
-    width: int = 64,
-    bn_sub_batch: int | None = None,
     spatiotemporal: bool = False,
-    temporal_pool: bool = False,
     interaction: str = "additive",
+    **stream_kw,
 ) -> TwoStream:
     """Appearance (3 channels) + motion (2L channels) streams of the same ResNet `depth`.
 
-    `spatiotemporal` gives ST-ResNet: motion residuals and temporal convs; `temporal_pool`
-    ST-ResNet*'s max-pool over chunks; `interaction` "multiplicative" gives STM-ResNet.
+    `spatiotemporal` gives ST-ResNet: motion residuals and temporal convs; `interaction`
+    "multiplicative" gives STM-ResNet; `stream_kw` go to both `ResNet`s (num_classes, width,
+    bn_sub_batch, temporal_pool for ST-ResNet*).
     """
     if spatiotemporal and DEPTHS[depth][0] is not Bottleneck:
         raise ValueError(f"ST-ResNet needs a bottleneck ResNet (50/101/152), not depth {depth}")
-
-    def stream(in_channels: int) -> ResNet:
-        return resnet(
-            depth,
-            num_classes=num_classes,
-            in_channels=in_channels,
-            width=width,
-            bn_sub_batch=bn_sub_batch,
-            temporal=spatiotemporal,
-            temporal_pool=temporal_pool,
-        )
-
-    return TwoStream(
-        stream(3), stream(2 * flow_stack), motion_residuals=spatiotemporal, interaction=interaction
-    )
+    stream_kw.setdefault("num_classes", 101)
+    appearance = resnet(depth, in_channels=3, temporal=spatiotemporal, **stream_kw)
+    motion = resnet(depth, in_channels=2 * flow_stack, temporal=spatiotemporal, **stream_kw)
+    return TwoStream(appearance, motion, motion_residuals=spatiotemporal, interaction=interaction)
 
 
 def _registry() -> dict[str, Callable[..., nn.Module]]:
     reg: dict[str, Callable[..., nn.Module]] = {}
-
-    def bind(fn, depth, **fixed):
-        def build(**kw):
-            return fn(depth, **fixed, **kw)
-
-        return build
-
     for depth in (18, 34, 50, 101, 152):
-        reg[f"resnet{depth}"] = bind(single_stream, depth)
-        reg[f"two_stream_resnet{depth}"] = bind(two_stream, depth)
+        reg[f"resnet{depth}"] = partial(resnet, depth)  # in_channels: 3 RGB, 2L flow
+        reg[f"two_stream_resnet{depth}"] = partial(two_stream, depth)
     for depth in (50, 101, 152):
         for prefix, interaction in (("st", "additive"), ("stm", "multiplicative")):
-            st = dict(spatiotemporal=True, interaction=interaction)
-            reg[f"{prefix}_resnet{depth}"] = bind(two_stream, depth, **st)
-            reg[f"{prefix}_resnet{depth}_star"] = bind(two_stream, depth, temporal_pool=True, **st)
+            st = partial(two_stream, depth, spatiotemporal=True, interaction=interaction)
+            reg[f"{prefix}_resnet{depth}"] = st
+            reg[f"{prefix}_resnet{depth}_star"] = partial(st, temporal_pool=True)
     return reg
 
 
@@ -101,7 +64,7 @@ def is_two_stream(name: str) -> bool:
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
-    """Build the registry model `name`; keyword arguments as in `single_stream`/`two_stream`."""
+    """Build the registry model `name`; keyword arguments as in `resnet` / `two_stream`."""
     if name not in REGISTRY:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
     return REGISTRY[name](**kwargs)

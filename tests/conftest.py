@@ -10,6 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
+import flowprep.reader as reader_module
+
 
 def write_frame_folder(
     root: Path,
@@ -71,3 +73,13 @@ def make_frame_folder(tmp_path: Path) -> Callable[..., Path]:
         return write_frame_folder(root or tmp_path / "frames", video_id, **kw)
 
     return make
+
+
+@pytest.fixture(params=["simplejpeg", "cv2"])
+def decoder(request, monkeypatch) -> str:
+    """Run a test with each JPEG decoder of the reader (cv2 is the fallback without simplejpeg)."""
+    if request.param == "cv2":
+        monkeypatch.setattr(reader_module, "simplejpeg", None)
+    elif reader_module.simplejpeg is None:
+        pytest.skip("simplejpeg is not installed")
+    return request.param

@@ -20,15 +20,6 @@ from flowprep.reader import ReaderError, decode_jpeg, open_reader
 from pipelines.synthetic import moving_shapes, write_video
 
 
-@pytest.fixture(params=["simplejpeg", "cv2"])
-def decoder(request, monkeypatch) -> str:
-    if request.param == "cv2":
-        monkeypatch.setattr(reader_module, "simplejpeg", None)
-    elif reader_module.simplejpeg is None:
-        pytest.skip("simplejpeg is not installed")
-    return request.param
-
-
 @pytest.fixture(scope="module")
 def frames_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("reader")

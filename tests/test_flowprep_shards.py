@@ -67,9 +67,9 @@ def test_pack_round_trip_bytes_and_frames(frames: Path, tmp_path: Path) -> None:
         packed["nope"]
 
 
-def test_interrupted_pack_resumes(frames: Path, tmp_path: Path, monkeypatch) -> None:
-    calls = []
-    real = shards.pack_video
+def interrupt_third_pack(monkeypatch) -> list[str]:
+    """Make the third `pack_video` call raise KeyboardInterrupt; return the ids it was called on."""
+    real, calls = shards.pack_video, []
 
     def dies_on_third(folder, vid, shard):
         calls.append(vid)
@@ -78,13 +78,18 @@ def test_interrupted_pack_resumes(frames: Path, tmp_path: Path, monkeypatch) -> 
         return real(folder, vid, shard)
 
     monkeypatch.setattr(shards, "pack_video", dies_on_third)
+    return calls
+
+
+def test_interrupted_pack_resumes(frames: Path, tmp_path: Path, monkeypatch) -> None:
+    calls = interrupt_third_pack(monkeypatch)
     out = tmp_path / "s"
     with pytest.raises(KeyboardInterrupt):
         pack(frames, out, shard_size=1)  # one video per shard
     assert sorted(p.name for p in out.iterdir()) == [
         "index.json", "shard_00000.h5", "shard_00001.h5", "shard_00002.h5.tmp"
     ]  # fmt: skip
-    monkeypatch.setattr(shards, "pack_video", real)
+    monkeypatch.undo()  # pack_video is real again
     calls.clear()
     index = pack(frames, out, shard_size=1)
     assert len(index["videos"]) == 4 and not list(out.glob("*.tmp"))
@@ -228,20 +233,12 @@ def test_interrupted_extract_to_shards_resumes(videos: Path, tmp_path: Path, mon
     entries = build_manifest(videos)
     reference = tmp_path / "ref"
     extract_to_shards(entries, videos, reference, SETTINGS, shard_size=1)  # one video per shard
-    real, calls = shards.pack_video, []
-
-    def dies_on_third(folder, vid, shard):
-        calls.append(vid)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(folder, vid, shard)
-
-    monkeypatch.setattr(shards, "pack_video", dies_on_third)
+    interrupt_third_pack(monkeypatch)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         extract_to_shards(entries, videos, out, SETTINGS, shard_size=1)
     assert (out / "shard_00001.h5").exists() and (out / shards.WORK_DIR).is_dir()
-    monkeypatch.setattr(shards, "pack_video", real)
+    monkeypatch.undo()  # pack_video is real again
     # a shard is written once the next video is known: clip0 and clip2 are packed, clip4 and
     # clip1 were finished folders in OUT/.frames, clip3 was never started
     results = extract_to_shards(entries, videos, out, SETTINGS, shard_size=1)

@@ -14,19 +14,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import flowprep.reader as reader_module
 from flowprep.cli import main
 from flowprep.shards import pack
 from flowprep.verify import Problem, verify
-
-
-@pytest.fixture(params=["simplejpeg", "cv2"])
-def decoder(request, monkeypatch) -> str:
-    if request.param == "cv2":
-        monkeypatch.setattr(reader_module, "simplejpeg", None)
-    elif reader_module.simplejpeg is None:
-        pytest.skip("simplejpeg is not installed")
-    return request.param
 
 
 @pytest.fixture
