@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from strnet.layers import SubBatchNorm2d, TemporalConv
+from strnet.weights import inflate_temporal
 
 POOL5 = 7  # spatial window of pool5 (Table 1), applied at every location of larger maps
 TEMPORAL_POOL = (5, 2)  # ST-ResNet* max-pool over chunks: window 5, stride 2 (Table 1)
@@ -147,8 +148,6 @@ class ResNet(nn.Module):
 
     def reset_parameters(self) -> None:
         """torchvision's init; temporal convs start as eq. 5 inflations of a fresh 1x1 filter."""
-        from strnet.weights import inflate_temporal
-
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -91,9 +91,7 @@ def inflate_temporal(weight: torch.Tensor, kernel: int = 3) -> torch.Tensor:
     return (weight / kernel).unsqueeze(2).expand(-1, -1, kernel, -1, -1).clone()
 
 
-def adapt_tensor(
-    key: str, value: torch.Tensor, want: torch.Size, conv1_init: str
-) -> torch.Tensor | None:
+def adapt_tensor(value: torch.Tensor, want: torch.Size, conv1_init: str) -> torch.Tensor | None:
     """`value` reshaped to the target shape `want` by a known rule, or None if none applies."""
     if value.shape == want:
         return value
@@ -151,7 +149,7 @@ def load_pretrained(
         if key not in target:
             report.unexpected.append(key)
             continue
-        fitted = adapt_tensor(key, value, target[key].shape, conv1_init)
+        fitted = adapt_tensor(value, target[key].shape, conv1_init)
         if fitted is None:
             report.mismatched.append(f"{key} {tuple(value.shape)}->{tuple(target[key].shape)}")
             continue
