@@ -23,6 +23,7 @@ from flowprep.extract import (
     VideoResult,
     run_batch,
 )
+from flowprep.flow_service import DEVICE_BATCH
 from flowprep.manifest import (
     ManifestError,
     build_manifest,
@@ -174,13 +175,26 @@ def _load_entries(source: Path, video_root: Path | None) -> tuple[list, Path]:
     type=click.IntRange(min=1),
     default=8,
     show_default=True,
-    help="Frame pairs per flow computation.",
+    help="Frame pairs per chunk a video sends for flow (see --device-batch).",
 )
 @click.option(
     "--flow-compile",
-    is_flag=True,
-    help="torch.compile the TV-L1 iterations: ~2.5x faster on CPU after a one-off compile "
-    "(cached on disk); worth it from ~20 frame pairs on.",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    flag_value="on",
+    is_flag=False,
+    show_default=True,
+    help="torch.compile the TV-L1 iterations: 2-3x faster after a one-off compile of a few "
+    "seconds per frame size (cached on disk); auto compiles frames of 160x120 and up. Falls "
+    "back to eager, with a warning, where torch.compile cannot run.",
+)
+@click.option(
+    "--device-batch",
+    type=click.IntRange(min=1),
+    default=DEVICE_BATCH,
+    show_default=True,
+    help="Frame pairs per flow call on a device, joined from the chunks of several videos "
+    "(GPUs need large batches; on the CPU pairs are solved one cache-sized piece at a time).",
 )
 @click.option(
     "-j",
@@ -234,7 +248,8 @@ def extract_command(
     flow_bound: float,
     flow_format: str,
     flow_batch: int,
-    flow_compile: bool,
+    flow_compile: str,
+    device_batch: int,
     jobs: int,
     backend: str,
     scheduler: str | None,
@@ -268,7 +283,11 @@ def extract_command(
         raise click.BadParameter(str(exc), param_hint="--shard-size") from None
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
     options = RuntimeOptions(
-        device=device, flow_batch=flow_batch, flow_compile=flow_compile, threads=threads
+        device=device,
+        flow_batch=flow_batch,
+        flow_compile={"on": True, "off": False}.get(flow_compile, "auto"),
+        device_batch=device_batch,
+        threads=threads,
     )
     bar = tqdm(total=len(entries), unit="video", disable=quiet, dynamic_ncols=True)
     start, frames = time.monotonic(), 0

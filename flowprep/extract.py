@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -40,7 +41,7 @@ from flowprep.atomic import (
     write_text_atomic,
 )
 from flowprep.decode import VideoError, iter_frames, probe
-from flowprep.flow_service import FlowService, resolve_devices
+from flowprep.flow_service import DEVICE_BATCH, FlowService, resolve_devices
 from flowprep.manifest import VideoEntry
 
 PARTIAL_DIR = ".partial"
@@ -107,8 +108,9 @@ class RuntimeOptions:
     """How to run, not what to write: these never invalidate finished videos."""
 
     device: str = "auto"  # flow device: auto | cpu | cuda
-    flow_batch: int = 8  # frame pairs per compute_flow call
-    flow_compile: bool = False  # torch.compile the TV-L1 iterations (pays from ~20 pairs on)
+    flow_batch: int = 8  # frame pairs per chunk a video sends for flow
+    flow_compile: bool | str = "auto"  # torch.compile TV-L1: True, False, or "auto" (>= 160x120)
+    device_batch: int = DEVICE_BATCH  # pairs per device call, joined from several videos' chunks
     threads: int = 0  # decoder threads per video (0 = FFmpeg's choice)
 
 
@@ -349,7 +351,11 @@ class FlowWriter:
 
         future: Future = Future()
         flow = compute_flow(
-            prev, nxt, backend=self.settings.flow_backend, device=self.options.device
+            prev,
+            nxt,
+            backend=self.settings.flow_backend,
+            device=self.options.device,
+            compile=self.options.flow_compile,
         )
         future.set_result(np.asarray(flow, dtype=np.float32))
         return future
@@ -608,8 +614,14 @@ def run_batch(
         service = None
         if mapper is None and settings.wants_flow and settings.flow_backend == "torch":
             devices = resolve_devices(options.device)
-            service = FlowService(devices, backend="torch", compile=options.flow_compile)
-            mapper = thread_mapper(max(jobs, 2 * len(devices)))
+            service = FlowService(
+                devices,
+                backend="torch",
+                compile=options.flow_compile,
+                device_batch=options.device_batch,
+                chunk=options.flow_batch,
+            )
+            mapper = thread_mapper(max(jobs, decoders_per_device(devices, options) * len(devices)))
         root = Path(video_root)
         args = [(e, root, out_root, settings, options, force, service, claim) for e in work]
         stream = (mapper or joblib_mapper(jobs))(extract_video, args)
@@ -637,6 +649,18 @@ def run_batch(
                     on_result(done)
         write_reports(out_root, results)
     return sorted(results, key=lambda r: r.video_id)
+
+
+def decoders_per_device(devices: list[str], options: RuntimeOptions) -> int:
+    """Decoding threads that keep one flow device fed: 2 for the CPU, more for a GPU.
+
+    A GPU needs enough videos queued to fill two device batches (one computing, one waiting),
+    and each video has at most MAX_INFLIGHT + 1 chunks of `flow_batch` pairs queued.
+    """
+    if devices == ["cpu"]:
+        return 2
+    per_video = (FlowWriter.MAX_INFLIGHT + 1) * options.flow_batch
+    return max(2, math.ceil(2 * options.device_batch / per_video))
 
 
 def joblib_mapper(jobs: int) -> Callable[..., Iterator[VideoResult]]:

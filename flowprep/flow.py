@@ -7,6 +7,7 @@ and return flow in OpenCV's convention, prev(x, y) ≈ nxt(x + u, y + v).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import fields
 from typing import Any
 
@@ -16,6 +17,8 @@ from flowprep.tvl1 import TVL1Params, check_torch_params
 
 BACKENDS = ("torch", "opencv")
 CPU_CHUNK_PIXELS = 1 << 17  # pixels per torch call on the CPU (one 341x256 pair = 87 k)
+AUTO_COMPILE_PIXELS = 1 << 14  # compile="auto" compiles frames this large (160x120 and up)
+_compile_failure: str | None = None  # why torch.compile failed in this process, once it has
 _ALIASES = {
     "lambda": "lambda_",
     "scaleStep": "scale_step",
@@ -85,13 +88,51 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def wants_compile(compile: bool | str, height: int, width: int) -> bool:
+    """Whether to torch.compile a job of (height, width) frames: "auto" does from 160x120 up.
+
+    Below that a pair takes milliseconds eagerly and the one-off compile (seconds) cannot pay;
+    at the papers' 341x256 it runs ~2-3x faster than eager on the CPU (BENCHMARKS.md).
+    """
+    if compile == "auto":
+        return height * width >= AUTO_COMPILE_PIXELS
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+    return compile
+
+
+def _solve(i0, i1, params: TVL1Params, compile: bool):
+    """tvl1 with compile, falling back to eager (warning once) if torch.compile cannot run.
+
+    A missing C++ compiler or Triton must cost speed, not the job; an error that eager hits too
+    (bad input, out of memory) still raises.
+    """
+    global _compile_failure
+    from flowprep.tvl1 import tvl1
+
+    if compile and _compile_failure is None:
+        import torch
+
+        try:
+            return tvl1(i0, i1, params, compile=True)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: go on eagerly
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            _compile_failure = f"{type(exc).__name__}: {reason}"[:200]
+            warnings.warn(
+                f"torch.compile failed ({_compile_failure}); computing TV-L1 flow eagerly",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return tvl1(i0, i1, params, compile=False)
+
+
 def _flow_torch(
     prev: np.ndarray, nxt: np.ndarray, device: str, params: TVL1Params, compile: bool = False
 ) -> np.ndarray:
     """Batched torch TV-L1 of float32 (N, H, W) frames -> (N, H, W, 2)."""
     import torch
-
-    from flowprep.tvl1 import tvl1
 
     dev = torch.device(resolve_device(device))
     # On the CPU the iterations are memory-bound: one 341x256 pair's working set already exceeds
@@ -103,7 +144,7 @@ def _flow_torch(
         for start in range(0, n, chunk):
             i0 = torch.from_numpy(prev[start : start + chunk]).to(dev)
             i1 = torch.from_numpy(nxt[start : start + chunk]).to(dev)
-            u = tvl1(i0, i1, params, compile=compile)
+            u = _solve(i0, i1, params, compile)
             out.append(u.permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out)
 
@@ -154,7 +195,7 @@ def compute_flow(
     backend: str = "torch",
     device: str = "auto",
     jobs: int | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     **params: Any,
 ) -> np.ndarray:
     """TV-L1 flow from `prev` to `nxt` ((H, W) or (N, H, W), uint8 or float 0..1) in pixels.
@@ -163,9 +204,10 @@ def compute_flow(
     OpenCV's DualTVL1 ones (tau, lambda_ or lambda, theta, nscales, warps, epsilon,
     inner_iterations, outer_iterations, scale_step, median_filtering, gamma) with its defaults;
     gamma > 0 (OpenCV's illumination term) is only available with the opencv backend.
-    The torch backend runs on `device` (auto: CUDA if present), eagerly unless `compile` (worth it
-    for long jobs only: the first call compiles for tens of seconds); the opencv backend runs
-    `jobs` processes (default: one per core).
+    The torch backend runs on `device` (auto: CUDA if present), eagerly unless `compile` (True,
+    or "auto": from 160x120 frames up; worth it for long jobs only, as the first call of each
+    frame size compiles for seconds, cached on disk; falls back to eager, warning once, where
+    torch.compile cannot run); the opencv backend runs `jobs` processes (default: one per core).
     """
     if backend not in BACKENDS:
         raise ValueError(f"flow backend must be one of {BACKENDS}, got {backend!r}")
@@ -174,7 +216,7 @@ def compute_flow(
         check_torch_params(config)
     a, b, single = _as_batch(prev, nxt)
     if backend == "torch":
-        flow = _flow_torch(a, b, device, config, compile)
+        flow = _flow_torch(a, b, device, config, wants_compile(compile, *a.shape[1:]))
     else:
         flow = _flow_opencv(a, b, config, jobs or os.cpu_count() or 1)
     flow = flow.astype(np.float32, copy=False)

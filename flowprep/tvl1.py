@@ -209,10 +209,11 @@ def compiled_steps():
         import os
         from pathlib import Path
 
-        import torch._dynamo
-
+        # before torch._dynamo: importing it fixes inductor's cache folder for the process
         cache = Path.home() / ".cache" / "flowprep" / "inductor"
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
+        import torch._dynamo
+
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         _compiled_steps = torch.compile(masked_steps, dynamic=False)
     return _compiled_steps
