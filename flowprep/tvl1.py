@@ -198,11 +198,12 @@ _compiled_steps = None
 
 
 def compiled_steps():
-    """masked_steps under torch.compile: fixed image shapes per pyramid level, batch included.
+    """masked_steps under torch.compile: image shapes fixed per pyramid level, batch size dynamic.
 
-    Compiled on first use of each level shape; the recompile limit is raised so five pyramid
-    levels (and compaction batch sizes) do not silently fall back to eager, and kernels are
-    cached on disk (~/.cache/flowprep/inductor unless TORCHINDUCTOR_CACHE_DIR is set).
+    Compiled on first use of each level shape (a batch of one pair gets its own static kernels);
+    later batch sizes reuse the kernels instead of recompiling each level for each size, as a GPU
+    fed joined batches of varying size would. Kernels are cached on disk
+    (~/.cache/flowprep/inductor unless TORCHINDUCTOR_CACHE_DIR is set).
     """
     global _compiled_steps
     if _compiled_steps is None:
@@ -214,8 +215,21 @@ def compiled_steps():
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
         import torch._dynamo
 
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-        _compiled_steps = torch.compile(masked_steps, dynamic=False)
+        # five levels, batch 1 and the dynamic batch: far above the default limit of 8, past
+        # which torch silently falls back to eager
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        compiled = torch.compile(masked_steps, dynamic=None)
+
+        def steps(u, px, py, active, i1wx, i1wy, grad, rho_c, *scalars):
+            tensors = (u, px, py, active, i1wx, i1wy, grad, rho_c)
+            if u.shape[0] > 1:
+                for t in tensors:
+                    torch._dynamo.mark_dynamic(t, 0)
+            # only the marked batch dim may vary: H and W stay static (faster kernels)
+            with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+                return compiled(*tensors, *scalars)
+
+        _compiled_steps = steps
     return _compiled_steps
 
 

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from flowprep.flow import compute_flow
 from flowprep.tvl1 import TVL1Params, build_pyramid, median_blur, resize_linear, warp_bicubic
@@ -227,6 +228,13 @@ def test_compiled_path_matches_eager():
     eager = compute_flow(frames[:-1], frames[1:], device="cpu", **kw)
     compiled = compute_flow(frames[:-1], frames[1:], device="cpu", compile=True, **kw)
     assert np.abs(eager).max() > 0.1  # a non-trivial flow
+    assert np.abs(compiled - eager).max() < 1e-3
+    # another batch size reuses the kernels (dynamic batch dim) instead of recompiling the level
+    graphs = counters["stats"]["unique_graphs"]
+    more = video_frames("Megamind.avi", 30, 4)[:, :32, :40]
+    compiled = compute_flow(more[:-1], more[1:], device="cpu", compile=True, **kw)
+    assert counters["stats"]["unique_graphs"] == graphs
+    eager = compute_flow(more[:-1], more[1:], device="cpu", **kw)
     assert np.abs(compiled - eager).max() < 1e-3
 
 
