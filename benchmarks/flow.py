@@ -143,17 +143,20 @@ def main() -> None:
             print(f"torch {label:13s} batch {b:3d}: {rate:7.2f} pairs/s  "
                   f"({rate / ref_rate:.2f}x opencv)")  # fmt: skip
 
-    ours = compute_flow(prev, nxt, device="cpu")
-    d = np.linalg.norm(ours - ref, axis=-1)
-    worst = d.mean(axis=(1, 2)).max()
-    print(f"agreement torch vs opencv on {n} real pairs: mean EPE {d.mean():.4f} px, "
-          f"99th pct {np.percentile(d, 99):.3f} px, worst pair mean {worst:.4f}")  # fmt: skip
+    variants = [("eager", False)] + ([] if args.no_compile else [("compiled", True)])
+    for label, comp in variants:
+        ours = compute_flow(prev, nxt, device="cpu", compile=comp)
+        d = np.linalg.norm(ours - ref, axis=-1)
+        worst = d.mean(axis=(1, 2)).max()
+        print(f"agreement torch {label} vs opencv on {n} real pairs: mean EPE {d.mean():.4f} px, "
+              f"99th pct {np.percentile(d, 99):.3f} px, worst pair mean {worst:.4f}")  # fmt: skip
     print("known warps (EPE vs ground truth, 16 px border left out):")
     for name, p, q, gt in known_warps():
-        o = compute_flow(p, q, device="cpu")
         r = compute_flow(p, q, backend="opencv")
-        print(f"  {name:28s} torch {epe(o, gt):.4f}  opencv {epe(r, gt):.4f}")
-
+        line = f"  {name:28s} opencv {epe(r, gt):.4f}"
+        for label, comp in variants:
+            line += f"  torch {label} {epe(compute_flow(p, q, device='cpu', compile=comp), gt):.4f}"
+        print(line)
 
 if __name__ == "__main__":
     main()

@@ -234,16 +234,26 @@ def compiled_steps():
 
 
 def _inner_iterations(
-    u, px, py, data, active, params: TVL1Params, scaled_eps: float, compile: bool = False
+    u,
+    px,
+    py,
+    data,
+    active,
+    params: TVL1Params,
+    scaled_eps: float,
+    compile: bool = False,
+    masked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Up to inner_iterations primal-dual steps on the pairs of this (compacted) batch.
 
     `data` = (i1wx, i1wy, grad, rho_c); pairs whose update falls to scaled_eps stop changing.
+    `masked` (implied by `compile`) runs STEPS_PER_CALL steps between looks at which pairs are
+    still active, so a GPU is not stopped to report back after every step.
     """
     l_t = params.lambda_ * params.theta
     taut = params.tau / params.theta
-    if compile:
-        steps = compiled_steps()
+    if compile or masked:
+        steps = compiled_steps() if compile else masked_steps
         done = 0
         while done < params.inner_iterations and bool(active.any()):
             n = min(STEPS_PER_CALL, params.inner_iterations - done)
@@ -271,14 +281,23 @@ def _inner_iterations(
 
 
 def solve_one_scale(
-    i0: torch.Tensor, i1: torch.Tensor, u: torch.Tensor, params: TVL1Params, compile: bool = False
+    i0: torch.Tensor,
+    i1: torch.Tensor,
+    u: torch.Tensor,
+    params: TVL1Params,
+    compile: bool = False,
+    masked: bool | None = None,
 ) -> torch.Tensor:
     """Refine flow u (B, 2, H, W) on one pyramid level of images i0, i1 (B, 1, H, W).
 
     Per pair, iterations stop when the summed squared update falls to epsilon² × H × W, as OpenCV's
-    procOneScale does; finished pairs leave the batch (compaction) while the rest go on, or, when
-    compiled, stay in it masked so that shapes stay fixed.
+    procOneScale does. On the CPU finished pairs leave the batch (compaction) while the rest go
+    on; compiled or on a GPU (`masked`, default: not the CPU) they stay in it masked, so shapes
+    stay fixed and the device is asked which pairs are active only every STEPS_PER_CALL steps.
     """
+    if masked is None:
+        masked = u.device.type != "cpu"
+    masked = masked or compile
     b, _, h, w = i0.shape
     scaled_eps = params.epsilon**2 * h * w
     i1x, i1y = centered_gradient(i1)
@@ -292,7 +311,7 @@ def solve_one_scale(
         rho_c = i1w - i1wx * u[:, :1] - i1wy * u[:, 1:] - i0
         active = torch.ones(b, dtype=torch.bool, device=u.device)
         for _ in range(params.outer_iterations):
-            if compile:  # fixed shapes for the compiled kernels: mask finished pairs, no compaction
+            if masked:  # fixed shapes (compiled kernels, GPU): mask finished pairs, no compaction
                 if not bool(active.any()):
                     break
                 if params.median_filtering > 1:
@@ -300,7 +319,7 @@ def solve_one_scale(
                     u = torch.where(keep, median_blur(u, params.median_filtering), u)
                 data = (i1wx, i1wy, grad, rho_c)
                 u, px, py, active = _inner_iterations(
-                    u, px, py, data, active, params, scaled_eps, compile
+                    u, px, py, data, active, params, scaled_eps, compile, masked=True
                 )
                 continue
             idx = active.nonzero().squeeze(1)
@@ -330,13 +349,18 @@ def solve_one_scale(
 
 
 def tvl1(
-    i0: torch.Tensor, i1: torch.Tensor, params: TVL1Params | None = None, compile: bool = False
+    i0: torch.Tensor,
+    i1: torch.Tensor,
+    params: TVL1Params | None = None,
+    compile: bool = False,
+    masked: bool | None = None,
 ) -> torch.Tensor:
     """Dual TV-L1 flow from i0 to i1, both (B, H, W) float in 0..255, as (B, 2, H, W) pixels.
 
     Convention of OpenCV: i0(x, y) ≈ i1(x + u1, y + u2). Levels are solved coarse to fine and each
     flow is resized up (bilinear) and scaled by 1 / scale_step for the next level. `compile`
-    runs the inner iteration through torch.compile (pays off for long jobs, costs a cold compile).
+    runs the inner iteration through torch.compile (pays off for long jobs, costs a cold compile);
+    `masked` picks masking over compaction for finished pairs (see solve_one_scale).
     """
     params = params or TVL1Params()
     check_torch_params(params)
@@ -345,7 +369,7 @@ def tvl1(
     b = i0.shape[0]
     u = torch.zeros(b, 2, *pyr0[-1].shape[-2:], device=i0.device, dtype=torch.float32)
     for level in range(len(pyr0) - 1, -1, -1):
-        u = solve_one_scale(pyr0[level], pyr1[level], u, params, compile)
+        u = solve_one_scale(pyr0[level], pyr1[level], u, params, compile, masked)
         if level > 0:
             u = resize_linear(u, tuple(pyr0[level - 1].shape[-2:])) / params.scale_step
     return u

@@ -11,7 +11,14 @@ import torch
 from torch._dynamo.utils import counters
 
 from flowprep.flow import compute_flow
-from flowprep.tvl1 import TVL1Params, build_pyramid, median_blur, resize_linear, warp_bicubic
+from flowprep.tvl1 import (
+    TVL1Params,
+    build_pyramid,
+    median_blur,
+    resize_linear,
+    tvl1,
+    warp_bicubic,
+)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SIZE = (128, 96)  # (W, H) every real frame is reduced to, to keep the OpenCV reference cheap
@@ -236,6 +243,19 @@ def test_compiled_path_matches_eager():
     assert counters["stats"]["unique_graphs"] == graphs
     eager = compute_flow(more[:-1], more[1:], device="cpu", **kw)
     assert np.abs(compiled - eager).max() < 1e-3
+
+
+def test_masking_finished_pairs_equals_compacting_them():
+    # the GPU path keeps finished pairs in the batch, masked; the CPU path drops them. Pairs of
+    # different motion stop at different iterations, and both ways must give the same flow.
+    frames = video_frames("tree.avi", 20, 4)[:, :48, :64]
+    i0 = torch.from_numpy(frames[:-1]).float()
+    i1 = torch.from_numpy(np.stack([frames[1], frames[1], np.roll(frames[3], 3, axis=1)])).float()
+    params = TVL1Params(nscales=2, warps=2)
+    compacted = tvl1(i0, i1, params, masked=False)
+    masked = tvl1(i0, i1, params, masked=True)
+    assert compacted.abs().max() > 0.5
+    torch.testing.assert_close(masked, compacted, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
