@@ -291,9 +291,10 @@ def solve_one_scale(
     """Refine flow u (B, 2, H, W) on one pyramid level of images i0, i1 (B, 1, H, W).
 
     Per pair, iterations stop when the summed squared update falls to epsilon² × H × W, as OpenCV's
-    procOneScale does. On the CPU finished pairs leave the batch (compaction) while the rest go
-    on; compiled or on a GPU (`masked`, default: not the CPU) they stay in it masked, so shapes
-    stay fixed and the device is asked which pairs are active only every STEPS_PER_CALL steps.
+    procOneScale does. Finished pairs leave the batch at each outer iteration (compaction), so a
+    batch costs what its unfinished pairs cost. Within the inner iterations the eager CPU path
+    drops them after every step; compiled or on a GPU (`masked`, default: not the CPU) they are
+    masked, and the device is asked which pairs are active only every STEPS_PER_CALL steps.
     """
     if masked is None:
         masked = u.device.type != "cpu"
@@ -311,17 +312,6 @@ def solve_one_scale(
         rho_c = i1w - i1wx * u[:, :1] - i1wy * u[:, 1:] - i0
         active = torch.ones(b, dtype=torch.bool, device=u.device)
         for _ in range(params.outer_iterations):
-            if masked:  # fixed shapes (compiled kernels, GPU): mask finished pairs, no compaction
-                if not bool(active.any()):
-                    break
-                if params.median_filtering > 1:
-                    keep = active.view(b, 1, 1, 1)
-                    u = torch.where(keep, median_blur(u, params.median_filtering), u)
-                data = (i1wx, i1wy, grad, rho_c)
-                u, px, py, active = _inner_iterations(
-                    u, px, py, data, active, params, scaled_eps, compile, masked=True
-                )
-                continue
             idx = active.nonzero().squeeze(1)
             if len(idx) == 0:
                 break
@@ -335,7 +325,9 @@ def solve_one_scale(
                 su = median_blur(su, params.median_filtering)
             data = (sub(i1wx), sub(i1wy), sub(grad), sub(rho_c))
             sact = torch.ones(len(idx), dtype=torch.bool, device=u.device)
-            su, spx, spy, sact = _inner_iterations(su, spx, spy, data, sact, params, scaled_eps)
+            su, spx, spy, sact = _inner_iterations(
+                su, spx, spy, data, sact, params, scaled_eps, compile, masked
+            )
             if full:
                 u, px, py, active = su, spx, spy, sact
             else:
