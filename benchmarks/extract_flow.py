@@ -83,6 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=40, help="frames cut from each clip")
     parser.add_argument("--copies", type=int, default=2, help="copies of each clip (videos)")
+    parser.add_argument("--device", default="auto", help="flow device: auto (a GPU if any) | cpu")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,17 +112,18 @@ def main() -> None:
         warm = (
             "import numpy as np; from flowprep.flow import compute_flow\n"
             f"for w in {widths}:\n"
-            "    f = np.zeros((256, w), np.uint8); compute_flow(f, f, device='cpu', compile=True)"
+            f"    f = np.zeros((256, w), np.uint8); compute_flow(f, f, device={args.device!r}, "
+            "compile=True)"
         )
         start = time.perf_counter()
         subprocess.run([sys.executable, "-c", warm], check=True)
         print(f"torch.compile warm-up (not in the rates): {time.perf_counter() - start:.1f} s")
 
-        cpu = RuntimeOptions(device="cpu")
+        torch_options = RuntimeOptions(device=args.device)
         opencv = ExtractSettings(modality="flow", flow_backend="opencv")
         runs = [
-            ("flowprep, torch, compile auto", settings, cpu),
-            ("flowprep, torch, compile off", settings, replace(cpu, flow_compile=False)),
+            ("flowprep, torch, compile auto", settings, torch_options),
+            ("flowprep, torch, compile off", settings, replace(torch_options, flow_compile=False)),
             ("flowprep, opencv backend", opencv, RuntimeOptions()),
         ]
         for label, s, options in runs:
