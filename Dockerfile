@@ -6,6 +6,13 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
+# torch.compile needs a C/C++ compiler at run time: inductor builds its CPU kernels with g++ and
+# Triton builds a small launcher with gcc on CUDA; without one, flow falls back to eager (slower).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /opt/strnet
 COPY pyproject.toml README.md ./
 COPY flowprep ./flowprep

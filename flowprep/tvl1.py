@@ -215,9 +215,11 @@ def compiled_steps():
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
         import torch._dynamo
 
-        # five levels, batch 1 and the dynamic batch: far above the default limit of 8, past
-        # which torch silently falls back to eager
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        # 5 levels x (batch 1, dynamic batch) per frame size, and datasets bring several frame
+        # sizes: far above the default limit of 8, past which torch silently runs eagerly
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 1024)
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
         compiled = torch.compile(masked_steps, dynamic=None)
 
         def steps(u, px, py, active, i1wx, i1wy, grad, rho_c, *scalars):
