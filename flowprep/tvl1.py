@@ -106,20 +106,102 @@ def divergence(px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
     return dx + dy
 
 
-def median_blur(u: torch.Tensor, ksize: int) -> torch.Tensor:
+def median_blur(u: torch.Tensor, ksize: int, compile: bool = False) -> torch.Tensor:
     """k×k median of (B, C, H, W) with replicated borders (cv2.medianBlur on float images).
 
     On the CPU, for k = 3 or 5, cv2.medianBlur itself runs per image (about 30× faster than the
-    generic unfold+median used on other devices, and identical).
+    generic unfold+median, and identical). Elsewhere, `compile` selects the median with a
+    min/max network that torch.compile fuses into one kernel (for the GPU); else unfold+median.
     """
     if u.device.type == "cpu" and u.dtype == torch.float32 and ksize in (3, 5):
         flat = u.reshape(-1, *u.shape[-2:]).contiguous().numpy()
         out = np.stack([cv2.medianBlur(img, ksize) for img in flat])
         return torch.from_numpy(out).reshape(u.shape)
     r = ksize // 2
-    p = F.pad(u, (r, r, r, r), mode="replicate")
+    p = F.pad(u, (r, r, r, r), mode="replicate")  # outside the compiled graph: see compiled_median
+    if compile:
+        median_comparators(ksize * ksize)  # built outside the traced graph
+        return compiled_median()(p, ksize)
     patches = p.unfold(2, ksize, 1).unfold(3, ksize, 1)  # (B, C, H, W, k, k)
     return patches.reshape(*u.shape, ksize * ksize).median(dim=-1).values
+
+
+def odd_even_merge_comparators(n: int) -> list[tuple[int, int]]:
+    """Compare-exchange pairs (low, high) of Batcher's odd-even merge sort of n = 2^m values."""
+    pairs = []
+    p = 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return pairs
+
+
+_NETWORKS: dict[int, tuple[tuple[int, int, bool, bool], ...]] = {}
+
+
+def median_comparators(count: int) -> tuple[tuple[int, int, bool, bool], ...]:
+    """A min/max network whose slot count // 2 ends holding the median of `count` values.
+
+    Batcher's sorting network for the next power of two, with the slots past `count` taken as
+    +inf (so every comparator touching them is a no-op) and, walking back from the median slot,
+    only the comparators (and of those, only the min or max outputs) the median depends on.
+    Entries are (a, b, keep_min_in_a, keep_max_in_b).
+    """
+    if count not in _NETWORKS:  # a plain dict, not functools.cache: torch.compile reads it
+        n = 1 << max(0, (count - 1).bit_length())
+        live, kept = {count // 2}, []
+        for a, b in reversed(odd_even_merge_comparators(n)):
+            if b >= count or (a not in live and b not in live):
+                continue
+            kept.append((a, b, a in live, b in live))
+            live |= {a, b}
+        _NETWORKS[count] = tuple(reversed(kept))
+    return _NETWORKS[count]
+
+
+def median_network(padded: torch.Tensor, ksize: int) -> torch.Tensor:
+    """k×k median of an already padded (B, C, H + k - 1, W + k - 1) tensor by a min/max network.
+
+    Slow eagerly (hundreds of full-image ops); compiled it is one kernel that keeps the k² values
+    of a pixel in registers, where unfold+median writes k² copies of the image and sorts them.
+    """
+    h, w = padded.shape[-2] - ksize + 1, padded.shape[-1] - ksize + 1
+    vals = [padded[..., dy : dy + h, dx : dx + w] for dy in range(ksize) for dx in range(ksize)]
+    for a, b, keep_min, keep_max in median_comparators(ksize * ksize):
+        x, y = vals[a], vals[b]
+        if keep_min:
+            vals[a] = torch.minimum(x, y)
+        if keep_max:
+            vals[b] = torch.maximum(x, y)
+    return vals[ksize * ksize // 2]
+
+
+_compiled_median = None
+
+
+def compiled_median():
+    """median_network under torch.compile, batch size dynamic as in compiled_steps."""
+    global _compiled_median
+    if _compiled_median is None:
+        compiled_steps()  # sets the cache folder and recompile limits first
+        import torch._dynamo
+
+        compiled = torch.compile(median_network, dynamic=None)
+
+        def median(padded: torch.Tensor, ksize: int) -> torch.Tensor:
+            if padded.shape[0] > 1:
+                torch._dynamo.mark_dynamic(padded, 0)
+            with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+                return compiled(padded, ksize)
+
+        _compiled_median = median
+    return _compiled_median
 
 
 def warp_bicubic(images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -324,7 +406,7 @@ def solve_one_scale(
 
             su, spx, spy = sub(u), sub(px), sub(py)
             if params.median_filtering > 1:
-                su = median_blur(su, params.median_filtering)
+                su = median_blur(su, params.median_filtering, compile)
             data = (sub(i1wx), sub(i1wy), sub(grad), sub(rho_c))
             sact = torch.ones(len(idx), dtype=torch.bool, device=u.device)
             su, spx, spy, sact = _inner_iterations(

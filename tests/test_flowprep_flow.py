@@ -14,7 +14,11 @@ from flowprep.flow import compute_flow
 from flowprep.tvl1 import (
     TVL1Params,
     build_pyramid,
+    compiled_median,
     median_blur,
+    median_comparators,
+    median_network,
+    odd_even_merge_comparators,
     resize_linear,
     tvl1,
     warp_bicubic,
@@ -225,6 +229,43 @@ def test_building_blocks_match_opencv():
     ref = cv2.remap(img, x + flow[..., 0], y + flow[..., 1], cv2.INTER_CUBIC)
     ours = warp_bicubic(t, torch.from_numpy(flow).permute(2, 0, 1)[None])[0, 0].numpy()
     assert np.abs(ours - ref).max() < 0.01
+
+
+@pytest.mark.parametrize("ksize", [3, 5])
+def test_median_network_selects_the_median_of_every_0_1_input(ksize: int) -> None:
+    # 0-1 principle: a min/max network selects the median of any inputs iff it does so for all
+    # 2^(k*k) inputs of 0s and 1s (min = AND, max = OR). Checked exhaustively, 64 inputs a word.
+    count = ksize * ksize
+    index = np.arange(1 << count, dtype=np.uint32)
+    ones = np.zeros(index.shape, dtype=np.uint8)
+    slots = []
+    for s in range(count):
+        bit = ((index >> s) & 1).astype(np.uint8)
+        ones += bit
+        slots.append(np.packbits(bit))
+    for a, b, keep_min, keep_max in median_comparators(count):
+        x, y = slots[a], slots[b]
+        if keep_min:
+            slots[a] = x & y
+        if keep_max:
+            slots[b] = x | y
+    expected = np.packbits((ones > count // 2).astype(np.uint8))
+    np.testing.assert_array_equal(slots[count // 2], expected)
+    full_sort = odd_even_merge_comparators(16 if ksize == 3 else 32)
+    assert len(median_comparators(count)) < len(full_sort)  # pruned: 24 of 63, 113 of 191
+
+
+def test_compiled_median_network_matches_cv2():
+    # what a GPU runs under compile: one fused min/max network kernel per level shape
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(rng.normal(0, 3, (2, 2, 21, 30)).astype(np.float32))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    median_comparators(25)
+    ours = compiled_median()(padded, 5)
+    ref = np.stack([cv2.medianBlur(img, 5) for img in x.reshape(-1, 21, 30).numpy()])
+    np.testing.assert_array_equal(ours.reshape(-1, 21, 30).numpy(), ref)
+    eager = median_network(padded, 5)  # the same network, uncompiled
+    torch.testing.assert_close(eager, ours, rtol=0, atol=0)
 
 
 def test_compiled_path_matches_eager():
