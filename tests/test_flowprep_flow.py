@@ -299,6 +299,25 @@ def test_masking_finished_pairs_equals_compacting_them():
     torch.testing.assert_close(masked, compacted, rtol=0, atol=0)
 
 
+def test_gpu_code_path_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # what runs on a GPU, run here: masked steps, compiled kernels, compiled median network
+    import flowprep.tvl1 as solver
+
+    def network_median(u: torch.Tensor, ksize: int, compile: bool = False) -> torch.Tensor:
+        assert compile
+        median_comparators(ksize * ksize)
+        return compiled_median()(torch.nn.functional.pad(u, (2, 2, 2, 2), mode="replicate"), 5)
+
+    frames = video_frames("tree.avi", 20, 4)[:, :40, :56]
+    i0, i1 = torch.from_numpy(frames[:-1]).float(), torch.from_numpy(frames[1:]).float()
+    params = TVL1Params(nscales=1, warps=2, outer_iterations=3)
+    cpu = tvl1(i0, i1, params)
+    monkeypatch.setattr(solver, "median_blur", network_median)
+    gpu_like = tvl1(i0, i1, params, compile=True, masked=True)
+    assert cpu.abs().max() > 0.1
+    assert (gpu_like - cpu).abs().max() < 1e-3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
     a, b = middlebury("rubberwhale1"), middlebury("rubberwhale2")
