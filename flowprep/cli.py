@@ -6,6 +6,7 @@ Each command parses options, calls a function from its own module and reports; n
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 import time
@@ -36,6 +37,13 @@ from flowprep.verify import verify_command
 from flowprep.viz import viz_command
 
 EXIT_SOME_FAILED = 3
+
+
+class TqdmLogHandler(logging.Handler):
+    """Writes log records to stderr through tqdm, so they appear above a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(f"flowprep: {record.getMessage()}", file=sys.stderr)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -290,6 +298,10 @@ def extract_command(
         threads=threads,
     )
     bar = tqdm(total=len(entries), unit="video", disable=quiet, dynamic_ncols=True)
+    notes = TqdmLogHandler()  # library notes (a first compile) above the bar, not through it
+    if not quiet:
+        logging.getLogger("flowprep").addHandler(notes)
+        logging.getLogger("flowprep").setLevel(logging.INFO)
     start, frames = time.monotonic(), 0
 
     def report(result: VideoResult) -> None:
@@ -322,6 +334,7 @@ def extract_command(
     except (ShardError, OutputBusy) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
+        logging.getLogger("flowprep").removeHandler(notes)
         bar.close()
     counts = {k: sum(r.status == k for r in results) for k in ("done", "skipped", "failed")}
     ok = counts["done"] + counts["skipped"]

@@ -6,6 +6,7 @@ and return flow in OpenCV's convention, prev(x, y) ≈ nxt(x + u, y + v).
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import fields
@@ -19,6 +20,8 @@ BACKENDS = ("torch", "opencv")
 CPU_CHUNK_PIXELS = 1 << 17  # pixels per torch call on the CPU (one 341x256 pair = 87 k)
 AUTO_COMPILE_PIXELS = 1 << 14  # compile="auto" compiles frames this large (160x120 and up)
 _compile_failure: str | None = None  # why torch.compile failed in this process, once it has
+_compiled_sizes: set[tuple[str, int, int]] = set()  # (device type, H, W) compiled in this process
+log = logging.getLogger(__name__)
 _ALIASES = {
     "lambda": "lambda_",
     "scaleStep": "scale_step",
@@ -113,6 +116,14 @@ def _solve(i0, i1, params: TVL1Params, compile: bool):
     if compile and _compile_failure is None:
         import torch
 
+        size = (i0.device.type, *i0.shape[-2:])
+        if size not in _compiled_sizes:
+            _compiled_sizes.add(size)
+            log.info(
+                "TV-L1: compiling kernels for %dx%d frames on %s (first use of this size in this "
+                "run: seconds from the disk cache, up to a minute without)",
+                size[2], size[1], size[0],
+            )  # fmt: skip
         try:
             return tvl1(i0, i1, params, compile=True)
         except torch.OutOfMemoryError:

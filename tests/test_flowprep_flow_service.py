@@ -180,3 +180,22 @@ def test_flow_compile_option(
     assert result.exit_code == 0, result.output
     assert seen["options"].flow_compile == expected
     assert seen["options"].device_batch == 9
+
+
+def test_extract_says_when_it_compiles_and_goes_on_when_it_cannot(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def no_compiler() -> None:
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(flowprep.tvl1, "compiled_steps", no_compiler)
+    monkeypatch.setattr(flowprep.flow, "_compile_failure", None)
+    monkeypatch.setattr(flowprep.flow, "_compiled_sizes", set())
+    write_video(tmp_path / "v" / "a.mkv", moving_shapes(4, 32, 40, seed=0), codec="ffv1")
+    out = tmp_path / "o"
+    args = ["extract", str(tmp_path / "v"), "-o", str(out), "--modality", "flow"]
+    args += ["--short-side", "0", "--device", "cpu", "--flow-compile", "on"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "flowprep: TV-L1: compiling kernels for 40x32 frames on cpu" in result.output
+    assert len(list(out.glob("a/flow_x_*.jpg"))) == 3  # computed eagerly instead
