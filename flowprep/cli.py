@@ -194,7 +194,8 @@ def _load_entries(source: Path, video_root: Path | None) -> tuple[list, Path]:
     show_default=True,
     help="torch.compile the TV-L1 iterations: 2-3x faster after a one-off compile of a few "
     "seconds per frame size (cached on disk); auto compiles frames of 160x120 and up. Falls "
-    "back to eager, with a warning, where torch.compile cannot run.",
+    "back to eager, with a warning, where torch.compile cannot run. A bare --flow-compile means "
+    "on: put it after SOURCE, or it takes SOURCE as its value.",
 )
 @click.option(
     "--device-batch",
@@ -299,9 +300,6 @@ def extract_command(
     )
     bar = tqdm(total=len(entries), unit="video", disable=quiet, dynamic_ncols=True)
     notes = TqdmLogHandler()  # library notes (a first compile) above the bar, not through it
-    if not quiet:
-        logging.getLogger("flowprep").addHandler(notes)
-        logging.getLogger("flowprep").setLevel(logging.INFO)
     start, frames = time.monotonic(), 0
 
     def report(result: VideoResult) -> None:
@@ -314,11 +312,14 @@ def extract_command(
         if result.status == "failed":
             bar.write(f"failed: {result.source}: {result.reason}", file=sys.stderr)
 
-    mapper = dask_mapper(scheduler, jobs) if backend == "dask" else None
     run = run_batch
     if out_format == "hdf5":
         run = functools.partial(extract_to_shards, shard_size=shard_bytes)
     try:
+        if not quiet:
+            logging.getLogger("flowprep").addHandler(notes)
+            logging.getLogger("flowprep").setLevel(logging.INFO)
+        mapper = dask_mapper(scheduler, jobs) if backend == "dask" else None
         results = run(
             entries,
             root,

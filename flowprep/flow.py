@@ -104,6 +104,21 @@ def wants_compile(compile: bool | str, height: int, width: int) -> bool:
     return compile
 
 
+def _out_of_memory(exc: BaseException | None) -> bool:
+    """Whether `exc` is torch's out-of-memory error, or wraps one.
+
+    Inductor wraps errors raised while it compiles, so the cause chain is followed.
+    """
+    import torch
+
+    seen = 0
+    while exc is not None and seen < 16:
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def _solve(i0, i1, params: TVL1Params, compile: bool):
     """tvl1 with compile, falling back to eager (warning once) if torch.compile cannot run.
 
@@ -114,8 +129,6 @@ def _solve(i0, i1, params: TVL1Params, compile: bool):
     from flowprep.tvl1 import tvl1
 
     if compile and _compile_failure is None:
-        import torch
-
         size = (i0.device.type, *i0.shape[-2:])
         if size not in _compiled_sizes:
             _compiled_sizes.add(size)
@@ -126,9 +139,9 @@ def _solve(i0, i1, params: TVL1Params, compile: bool):
             )  # fmt: skip
         try:
             return tvl1(i0, i1, params, compile=True)
-        except torch.OutOfMemoryError:
-            raise
         except Exception as exc:  # noqa: BLE001 - any compiler failure: go on eagerly
+            if _out_of_memory(exc):  # not the compiler's fault: keep compiling, let it raise
+                raise
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             _compile_failure = f"{type(exc).__name__}: {reason}"[:200]
             warnings.warn(

@@ -37,7 +37,7 @@ def resolve_devices(device: str) -> list[str]:
     return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: == on the arrays would be ambiguous
 class _Request:
     prev: np.ndarray  # (N, H, W)
     nxt: np.ndarray
@@ -72,6 +72,9 @@ class FlowService:
         depth = max(4, 2 * math.ceil(self.device_batch / max(1, chunk)))
         self._queue: queue.Queue = queue.Queue(maxsize=depth * len(devices))
         self.batch_sizes: list[int] = []  # pairs per device call, in order (for tests, benchmarks)
+        self._closed = False
+        self._live = len(devices)  # device threads still serving
+        self._lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._serve, args=(d,), daemon=True, name=f"flow-{d}")
             for d in devices
@@ -81,6 +84,8 @@ class FlowService:
 
     def submit(self, prev: np.ndarray, nxt: np.ndarray) -> Future:
         """Queue flow from `prev` (N, H, W) to `nxt` (N, H, W); the Future gives (N, H, W, 2)."""
+        if self._closed:
+            raise RuntimeError("FlowService.submit after close()")
         future: Future = Future()
         self._queue.put(_Request(prev, nxt, future))
         return future
@@ -133,12 +138,42 @@ class FlowService:
             start += len(r.prev)
 
     def _serve(self, device: str) -> None:
-        if device.startswith("cuda"):
-            import torch
-
-            torch.cuda.set_device(device)
-        kind = "cuda" if device.startswith("cuda") else "cpu"
         held: deque = deque()
+        try:
+            if device.startswith("cuda"):
+                import torch
+
+                torch.cuda.set_device(device)
+            self._serve_batches("cuda" if device.startswith("cuda") else "cpu", held)
+        except BaseException as exc:  # noqa: BLE001 - a dead device must not hang the videos
+            self._device_failed(device, exc, held)
+
+    def _device_failed(self, device: str, exc: BaseException, held: deque) -> None:
+        """Hand this thread's requests to the other devices; the last one fails all that come.
+
+        Without this a device that cannot start (a CUDA error, say) would leave every video
+        waiting on its chunks forever.
+        """
+        with self._lock:
+            self._live -= 1
+            last = self._live == 0
+        if not last:
+            for request in held:
+                self._queue.put(request)
+            return
+        error = RuntimeError(f"flow device {device} failed: {type(exc).__name__}: {exc}")
+        pending = list(held)
+        while True:
+            for request in pending:
+                if request.future.set_running_or_notify_cancel():
+                    request.future.set_exception(error)
+            item = self._queue.get()
+            if item is None:
+                self._queue.put(None)
+                return
+            pending = [item]
+
+    def _serve_batches(self, kind: str, held: deque) -> None:
         while True:
             batch = self._next_batch(held)
             if batch is None:
@@ -161,6 +196,7 @@ class FlowService:
 
     def close(self) -> None:
         """Stop the device threads after the queued requests are served."""
+        self._closed = True
         self._queue.put(None)
         for thread in self._threads:
             thread.join()

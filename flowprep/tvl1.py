@@ -9,6 +9,7 @@ holds many frame pairs, each converging on its own.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import cv2
@@ -188,19 +189,9 @@ _compiled_median = None
 def compiled_median():
     """median_network under torch.compile, batch size dynamic as in compiled_steps."""
     global _compiled_median
-    if _compiled_median is None:
-        compiled_steps()  # sets the cache folder and recompile limits first
-        import torch._dynamo
-
-        compiled = torch.compile(median_network, dynamic=None)
-
-        def median(padded: torch.Tensor, ksize: int) -> torch.Tensor:
-            if padded.shape[0] > 1:
-                torch._dynamo.mark_dynamic(padded, 0)
-            with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-                return compiled(padded, ksize)
-
-        _compiled_median = median
+    with _compile_lock:
+        if _compiled_median is None:
+            _compiled_median = _compile(median_network)
     return _compiled_median
 
 
@@ -279,41 +270,59 @@ STEPS_PER_CALL = 5  # inner iterations per compiled call
 _compiled_steps = None
 
 
+_compile_lock = threading.Lock()  # device threads may ask for the compiled kernels at once
+
+
+def compile_settings():
+    """Dynamo settings for our compiled calls, applied per call: dynamo's config is per thread.
+
+    Only a batch dim marked dynamic may vary (H and W stay static: faster kernels), and the
+    recompile limits are raised far above the default 8: 5 levels x (batch 1, dynamic batch)
+    per frame size, and datasets bring several sizes; past the limit torch silently runs eagerly.
+    """
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(
+        automatic_dynamic_shapes=False, recompile_limit=1024, accumulated_recompile_limit=4096
+    )
+
+
+def _compile(function):
+    """torch.compile(function) called with a dynamic batch dim (when > 1) under compile_settings.
+
+    The inductor cache goes to ~/.cache/flowprep/inductor unless TORCHINDUCTOR_CACHE_DIR is set;
+    it must be set before torch._dynamo is imported, which fixes the folder for the process.
+    """
+    import os
+    from pathlib import Path
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache/flowprep/inductor"))
+    import torch._dynamo
+
+    compiled = torch.compile(function, dynamic=None)
+
+    def call(*args):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if tensors[0].shape[0] > 1:
+            for t in tensors:
+                torch._dynamo.mark_dynamic(t, 0)
+        with compile_settings():
+            return compiled(*args)
+
+    return call
+
+
 def compiled_steps():
     """masked_steps under torch.compile: image shapes fixed per pyramid level, batch size dynamic.
 
     Compiled on first use of each level shape (a batch of one pair gets its own static kernels);
     later batch sizes reuse the kernels instead of recompiling each level for each size, as a GPU
-    fed joined batches of varying size would. Kernels are cached on disk
-    (~/.cache/flowprep/inductor unless TORCHINDUCTOR_CACHE_DIR is set).
+    fed joined batches of varying size would. Kernels are cached on disk (see _compile).
     """
     global _compiled_steps
-    if _compiled_steps is None:
-        import os
-        from pathlib import Path
-
-        # before torch._dynamo: importing it fixes inductor's cache folder for the process
-        cache = Path.home() / ".cache" / "flowprep" / "inductor"
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
-        import torch._dynamo
-
-        # 5 levels x (batch 1, dynamic batch) per frame size, and datasets bring several frame
-        # sizes: far above the default limit of 8, past which torch silently runs eagerly
-        config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, 1024)
-        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
-        compiled = torch.compile(masked_steps, dynamic=None)
-
-        def steps(u, px, py, active, i1wx, i1wy, grad, rho_c, *scalars):
-            tensors = (u, px, py, active, i1wx, i1wy, grad, rho_c)
-            if u.shape[0] > 1:
-                for t in tensors:
-                    torch._dynamo.mark_dynamic(t, 0)
-            # only the marked batch dim may vary: H and W stay static (faster kernels)
-            with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-                return compiled(*tensors, *scalars)
-
-        _compiled_steps = steps
+    with _compile_lock:
+        if _compiled_steps is None:
+            _compiled_steps = _compile(masked_steps)
     return _compiled_steps
 
 

@@ -199,3 +199,77 @@ def test_extract_says_when_it_compiles_and_goes_on_when_it_cannot(
     assert result.exit_code == 0, result.output
     assert "flowprep: TV-L1: compiling kernels for 40x32 frames on cpu" in result.output
     assert len(list(out.glob("a/flow_x_*.jpg"))) == 3  # computed eagerly instead
+
+
+class DeviceThatDies(FlowService):
+    """A service whose first `dead` device threads fail to start (as a CUDA init error would)."""
+
+    def __init__(self, devices: list[str], dead: int, **kwargs: object) -> None:
+        self._dead, self._count_lock = dead, threading.Lock()
+        super().__init__(devices, **kwargs)
+
+    def _serve_batches(self, kind: str, held) -> None:  # noqa: ANN001
+        with self._count_lock:
+            self._dead -= 1
+            dies = self._dead >= 0
+        if dies:
+            raise RuntimeError("CUDA error: initialization error")
+        super()._serve_batches(kind, held)
+
+
+def test_a_device_that_cannot_start_fails_the_chunks_instead_of_hanging() -> None:
+    compute = GatedCompute()
+    compute.release.set()
+    service = DeviceThatDies(["cpu"], dead=1, compute=compute, device_batch=4, chunk=1)
+    futures = [service.submit(chunk(i, 1), chunk(i, 1)) for i in range(12)]  # > queue depth
+    for f in futures:
+        with pytest.raises(RuntimeError, match="flow device cpu failed: RuntimeError: CUDA error"):
+            f.result(timeout=10)
+    service.close()
+    with pytest.raises(RuntimeError, match="submit after close"):
+        service.submit(chunk(0, 1), chunk(0, 1))
+
+
+def test_the_other_devices_serve_what_a_dead_one_would_have() -> None:
+    compute = GatedCompute()
+    compute.release.set()
+    with DeviceThatDies(["cpu"] * 3, dead=2, compute=compute, device_batch=4, chunk=1) as service:
+        futures = [service.submit(chunk(i, 1), chunk(i, 1)) for i in range(20)]
+        assert [f.result(timeout=10)[0, 0, 0, 0] for f in futures] == list(range(20))
+
+
+def test_compile_settings_hold_in_every_thread() -> None:
+    # dynamo's config is per thread: limits set once in one thread did not reach the others
+    import torch._dynamo
+
+    seen = []
+
+    def read() -> None:
+        with flowprep.tvl1.compile_settings():
+            config = torch._dynamo.config
+            seen.append((config.recompile_limit, config.automatic_dynamic_shapes))
+
+    threads = [threading.Thread(target=read) for _ in range(2)]
+    for t in threads:
+        t.start()
+        t.join()
+    assert seen == [(1024, False), (1024, False)]
+
+
+def test_out_of_memory_while_compiling_is_not_blamed_on_the_compiler(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    def oom_inside_compile() -> None:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        except torch.OutOfMemoryError as exc:
+            raise RuntimeError("BackendCompilerFailed: backend='inductor' raised") from exc
+
+    monkeypatch.setattr(flowprep.tvl1, "compiled_steps", oom_inside_compile)
+    monkeypatch.setattr(flowprep.flow, "_compile_failure", None)
+    frame = np.zeros((20, 24), np.uint8)
+    with pytest.raises(RuntimeError, match="BackendCompilerFailed"):
+        compute_flow(frame, frame, device="cpu", compile=True)
+    assert flowprep.flow._compile_failure is None  # compile stays on for the next batch
