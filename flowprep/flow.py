@@ -18,6 +18,10 @@ from flowprep.tvl1 import TVL1Params, check_torch_params
 
 BACKENDS = ("torch", "opencv")
 CPU_CHUNK_PIXELS = 1 << 17  # pixels per torch call on the CPU (one 341x256 pair = 87 k)
+# torch splits a CPU reduction of >= 32768 elements (its GRAIN_SIZE) over threads when it has a
+# single output, so a pair's per-step error sum (2 x H x W values) rounds differently alone than
+# beside other pairs; from this many pixels on, pairs are solved one at a time on the CPU.
+CPU_ALONE_PIXELS = 1 << 14
 AUTO_COMPILE_PIXELS = 1 << 14  # compile="auto" compiles frames this large (160x120 and up)
 _compile_failure: str | None = None  # why torch.compile failed in this process, once it has
 _compiled_sizes: set[tuple[str, int, int]] = set()  # (device type, H, W) compiled in this process
@@ -160,9 +164,14 @@ def _flow_torch(
 
     dev = torch.device(resolve_device(device))
     # On the CPU the iterations are memory-bound: one 341x256 pair's working set already exceeds
-    # L2, so larger batches only run slower; solve a cache-sized chunk of pairs at a time.
+    # L2, so larger batches only run slower; solve a cache-sized chunk of pairs at a time, and
+    # from CPU_ALONE_PIXELS on one pair at a time, so that a pair's flow never depends on which
+    # pairs share its batch (joined batches from several videos depend on timing).
     n, h, w = prev.shape
-    chunk = n if dev.type == "cuda" else max(1, CPU_CHUNK_PIXELS // (h * w))
+    if dev.type == "cuda":
+        chunk = n
+    else:
+        chunk = 1 if h * w >= CPU_ALONE_PIXELS else max(1, CPU_CHUNK_PIXELS // (h * w))
     out = []
     with torch.inference_mode():
         for start in range(0, n, chunk):

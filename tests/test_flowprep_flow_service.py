@@ -273,3 +273,25 @@ def test_out_of_memory_while_compiling_is_not_blamed_on_the_compiler(
     with pytest.raises(RuntimeError, match="BackendCompilerFailed"):
         compute_flow(frame, frame, device="cpu", compile=True)
     assert flowprep.flow._compile_failure is None  # compile stays on for the next batch
+
+
+@pytest.mark.parametrize(("size", "expected"), [((48, 64), [6]), ((120, 160), [1] * 6)])
+def test_cpu_pairs_never_share_a_reduction_that_torch_splits(
+    monkeypatch: pytest.MonkeyPatch, size: tuple[int, int], expected: list[int]
+) -> None:
+    # at 120x160 a pair's error sum (38,400 values) is split over threads when it is alone and
+    # not when it has batch mates, so its flow would depend on which pairs were joined with it
+    import torch
+
+    d = torch.randn(8, 2, 120, 160, generator=torch.Generator().manual_seed(0))
+    alone = torch.stack([d[i : i + 1].square().sum(dim=(1, 2, 3))[0] for i in range(8)])
+    if torch.get_num_threads() > 1:
+        assert not torch.equal(alone, d.square().sum(dim=(1, 2, 3)))  # the premise, measured
+    sizes = []
+    solve = flowprep.flow._solve
+    monkeypatch.setattr(
+        flowprep.flow, "_solve", lambda i0, *a: sizes.append(len(i0)) or solve(i0, *a)
+    )
+    frames = np.zeros((7, *size), np.uint8)
+    compute_flow(frames[:-1], frames[1:], device="cpu", nscales=1, warps=1, outer_iterations=1)
+    assert sizes == expected
