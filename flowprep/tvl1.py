@@ -183,16 +183,9 @@ def median_network(padded: torch.Tensor, ksize: int) -> torch.Tensor:
     return vals[ksize * ksize // 2]
 
 
-_compiled_median = None
-
-
 def compiled_median():
     """median_network under torch.compile, batch size dynamic as in compiled_steps."""
-    global _compiled_median
-    with _compile_lock:
-        if _compiled_median is None:
-            _compiled_median = _compile(median_network)
-    return _compiled_median
+    return compiled(median_network)
 
 
 def warp_bicubic(images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -267,9 +260,7 @@ def masked_steps(u, px, py, active, i1wx, i1wy, grad, rho_c, l_t, theta, taut, e
 
 
 STEPS_PER_CALL = 5  # inner iterations per compiled call
-_compiled_steps = None
-
-
+_compiled: dict = {}  # function -> its compiled caller, made once per process
 _compile_lock = threading.Lock()  # device threads may ask for the compiled kernels at once
 
 
@@ -287,19 +278,27 @@ def compile_settings():
     )
 
 
-def _compile(function):
-    """torch.compile(function) called with a dynamic batch dim (when > 1) under compile_settings.
+def compiled(function):
+    """torch.compile(function), called with a dynamic batch dim (when > 1) under compile_settings.
 
-    The inductor cache goes to ~/.cache/flowprep/inductor unless TORCHINDUCTOR_CACHE_DIR is set;
-    it must be set before torch._dynamo is imported, which fixes the folder for the process.
+    Made once per function and process. The inductor cache goes to ~/.cache/flowprep/inductor
+    unless TORCHINDUCTOR_CACHE_DIR is set; it must be set before torch._dynamo is imported,
+    which fixes the folder for the process.
     """
+    with _compile_lock:
+        if function not in _compiled:
+            _compiled[function] = _batch_dynamic(function)
+        return _compiled[function]
+
+
+def _batch_dynamic(function):
     import os
     from pathlib import Path
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache/flowprep/inductor"))
     import torch._dynamo
 
-    compiled = torch.compile(function, dynamic=None)
+    compiled_function = torch.compile(function, dynamic=None)
 
     def call(*args):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
@@ -307,7 +306,7 @@ def _compile(function):
             for t in tensors:
                 torch._dynamo.mark_dynamic(t, 0)
         with compile_settings():
-            return compiled(*args)
+            return compiled_function(*args)
 
     return call
 
@@ -317,13 +316,9 @@ def compiled_steps():
 
     Compiled on first use of each level shape (a batch of one pair gets its own static kernels);
     later batch sizes reuse the kernels instead of recompiling each level for each size, as a GPU
-    fed joined batches of varying size would. Kernels are cached on disk (see _compile).
+    fed joined batches of varying size would. Kernels are cached on disk (see `compiled`).
     """
-    global _compiled_steps
-    with _compile_lock:
-        if _compiled_steps is None:
-            _compiled_steps = _compile(masked_steps)
-    return _compiled_steps
+    return compiled(masked_steps)
 
 
 def _inner_iterations(
@@ -340,12 +335,12 @@ def _inner_iterations(
     """Up to inner_iterations primal-dual steps on the pairs of this (compacted) batch.
 
     `data` = (i1wx, i1wy, grad, rho_c); pairs whose update falls to scaled_eps stop changing.
-    `masked` (implied by `compile`) runs STEPS_PER_CALL steps between looks at which pairs are
+    `masked` (which `compile` needs) runs STEPS_PER_CALL steps between looks at which pairs are
     still active, so a GPU is not stopped to report back after every step.
     """
     l_t = params.lambda_ * params.theta
     taut = params.tau / params.theta
-    if compile or masked:
+    if masked:
         steps = compiled_steps() if compile else masked_steps
         done = 0
         while done < params.inner_iterations and bool(active.any()):
