@@ -4,7 +4,7 @@ All at 341x256 (the papers' frame size) with OpenCV's default parameters, in one
 pairs of the sample clips; OpenCV runs one process per core (cv2 1 thread each). Prints pairs/s,
 the ratio to OpenCV, EPE against known warps of real frames, and the mean disagreement between
 torch and OpenCV on real consecutive frames. Run by hand:
-    python benchmarks/flow.py [--pairs 16] [--batches 1,8,16] [--no-compile]
+    python benchmarks/flow.py [--pairs 16] [--batches 1,8,16] [--no-compile] [--median-only]
 """
 
 from __future__ import annotations
@@ -92,13 +92,47 @@ def timed(fn, repeat: int = 1) -> float:
     return best
 
 
+def time_medians(repeat: int = 5) -> None:
+    """ms per 5x5 median of 2 pairs' flow (2 x 2 planes of 341x256) on each device at hand."""
+    import torch.nn.functional as F
+
+    from flowprep.tvl1 import compiled_median, median_blur, median_comparators
+
+    median_comparators(25)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        u = torch.rand(2, 2, SIZE[1], SIZE[0], device=device)
+        padded = F.pad(u, (2, 2, 2, 2), mode="replicate")
+        ways = {
+            "compiled min/max network": lambda p=padded: compiled_median()(p, 5),
+            "unfold + median": lambda u=u: median_blur(u.double(), 5),
+        }
+        if device == "cpu":
+            ways["cv2.medianBlur"] = lambda u=u: median_blur(u, 5)
+        for name, fn in ways.items():
+            fn()  # compile / warm up
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(repeat):
+                fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            ms = (time.perf_counter() - t) / repeat * 1e3
+            print(f"median {device:4s} {name:26s}: {ms:7.2f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=16, help="frame pairs per measurement")
     parser.add_argument("--batches", default="1,8,16", help="torch batch sizes")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--cuda-batches", default="1,16,64,256", help="CUDA batch sizes")
+    parser.add_argument("--median-only", action="store_true", help="only time the 5x5 medians")
     args = parser.parse_args()
+    if args.median_only:
+        time_medians()
+        return
     batches = [int(b) for b in args.batches.split(",")]
     cores = os.cpu_count() or 1
     print(f"torch {torch.__version__}, cv2 {cv2.__version__}, {cores} cores, "
