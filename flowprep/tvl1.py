@@ -229,6 +229,16 @@ def _estimate_v(u, i1wx, i1wy, grad, rho_c, l_t):
     return u + d * torch.cat((i1wx, i1wy), dim=1)
 
 
+def pair_sums(x: torch.Tensor) -> torch.Tensor:
+    """Each pair's sum of (B, C, H, W) values, taken row by row, then over the rows.
+
+    One sum over C x H x W would be split over threads on the CPU when a pair is alone (a single
+    output) and not when it has batch mates, so a pair's stop test could depend on its batch
+    and the thread count; row sums and then ~2H row totals are each summed by one thread.
+    """
+    return x.sum(dim=-1).sum(dim=(1, 2))
+
+
 def primal_dual_step(u, px, py, i1wx, i1wy, grad, rho_c, l_t: float, theta: float, taut: float):
     """One inner iteration for all pairs: thresholding (v), primal (u) and dual (p) updates.
 
@@ -236,7 +246,7 @@ def primal_dual_step(u, px, py, i1wx, i1wy, grad, rho_c, l_t: float, theta: floa
     """
     v = _estimate_v(u, i1wx, i1wy, grad, rho_c, l_t)
     u_new = v + theta * divergence(px, py)
-    error = (u_new - u).square().sum(dim=(1, 2, 3))
+    error = pair_sums((u_new - u).square())
     ux, uy = forward_gradient(u_new)
     ng = 1.0 + taut * torch.sqrt(ux * ux + uy * uy)
     return u_new, (px + taut * ux) / ng, (py + taut * uy) / ng, error
