@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from dataclasses import fields
 from typing import Any
 
 import numpy as np
 
+from flowprep import openmp
 from flowprep.tvl1 import TVL1Params, check_torch_params
 
 BACKENDS = ("torch", "opencv")
 CPU_CHUNK_PIXELS = 1 << 17  # pixels per torch call on the CPU (one 341x256 pair = 87 k)
-# torch splits a CPU reduction of >= 32768 elements (its GRAIN_SIZE) over threads when it has a
-# single output, so a pair's per-step error sum (2 x H x W values) rounds differently alone than
-# beside other pairs; from this many pixels on, pairs are solved one at a time on the CPU.
+# Compiled CPU kernels split a pair's reductions over threads when it is alone, so compiled
+# pairs of this many pixels and up are always solved alone: extract joins pairs of several
+# videos by timing, and a pair's flow must not depend on its batch mates. (Eagerly the solver
+# sums row by row, batch-invariant; see tvl1.pair_sums.)
 CPU_ALONE_PIXELS = 1 << 14
 AUTO_COMPILE_PIXELS = 1 << 14  # compile="auto" compiles frames this large (160x120 and up)
 _compile_failure: str | None = None  # why torch.compile failed in this process, once it has
@@ -165,21 +168,64 @@ def _flow_torch(
     dev = torch.device(resolve_device(device))
     # On the CPU the iterations are memory-bound: one 341x256 pair's working set already exceeds
     # L2, so larger batches only run slower; solve a cache-sized chunk of pairs at a time, and
-    # from CPU_ALONE_PIXELS on one pair at a time, so that a pair's flow never depends on which
-    # pairs share its batch (joined batches from several videos depend on timing).
+    # from CPU_ALONE_PIXELS on one pair at a time.
     n, h, w = prev.shape
     if dev.type == "cuda":
         chunk = n
     else:
         chunk = 1 if h * w >= CPU_ALONE_PIXELS else max(1, CPU_CHUNK_PIXELS // (h * w))
-    out = []
-    with torch.inference_mode():
-        for start in range(0, n, chunk):
+
+    def solve(start: int) -> np.ndarray:
+        with torch.inference_mode():
             i0 = torch.from_numpy(prev[start : start + chunk]).to(dev)
             i1 = torch.from_numpy(nxt[start : start + chunk]).to(dev)
             u = _solve(i0, i1, params, compile)
-            out.append(u.permute(0, 2, 3, 1).cpu().numpy())
-    return np.concatenate(out)
+            return u.permute(0, 2, 3, 1).cpu().numpy()
+
+    starts = list(range(0, n, chunk))
+    threads = min(len(starts), torch.get_num_threads())
+    if dev.type == "cpu" and not compile and threads > 1 and openmp.available():
+        return np.concatenate(run_single_threaded(solve, starts, threads))
+    return np.concatenate([solve(start) for start in starts])
+
+
+def run_single_threaded(function: Any, items: list, threads: int) -> list:
+    """[function(item) for item in items] on `threads` new threads, each running torch on 1 core.
+
+    How the eager CPU solver uses the cores: one chunk of pairs per thread, not one chunk on all
+    cores. Its ops on a 341x256 pair are too small for OpenMP to pay for its ~40 joins per
+    iteration (1.2x faster this way on 2 cores), and a thread that runs torch on several cores
+    is 3x slower once another thread (the main one, say) has done so too: libgomp keeps a team
+    per thread and throttles both (benchmarks/threads.py). Daemon threads: Ctrl-C never waits.
+    """
+    results: list = [None] * len(items)
+    errors: list[BaseException] = []
+    queue = iter(range(len(items)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        openmp.one_core_in_this_thread()  # not torch.set_num_threads: that is process-wide
+        while not errors:
+            with lock:
+                i = next(queue, None)
+            if i is None:
+                return
+            try:
+                results[i] = function(items[i])
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+                errors.append(exc)
+
+    workers = [
+        threading.Thread(target=work, daemon=True, name=f"flowprep-tvl1-{k}")
+        for k in range(threads)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def opencv_tvl1(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import cv2
@@ -10,7 +11,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from flowprep.flow import compute_flow
+import flowprep.flow
+from flowprep import openmp
+from flowprep.flow import compute_flow, run_single_threaded
 from flowprep.tvl1 import (
     TVL1Params,
     build_pyramid,
@@ -19,6 +22,7 @@ from flowprep.tvl1 import (
     median_comparators,
     median_network,
     odd_even_merge_comparators,
+    pair_sums,
     resize_linear,
     tvl1,
     warp_bicubic,
@@ -129,6 +133,81 @@ def test_batch_equals_pairs_one_by_one():
     for k in range(2):
         single = compute_flow(frames[k], frames[k + 1], device="cpu", nscales=2)
         np.testing.assert_allclose(batch[k], single, atol=1e-5)
+
+
+def test_eager_cpu_batch_runs_a_pair_per_thread_and_equals_each_pair_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    frames = np.stack(  # from 128x128 up a pair per thread
+        [
+            cv2.resize(f, (160, 128), interpolation=cv2.INTER_CUBIC)
+            for f in video_frames("Megamind.avi", 10, 4)
+        ]
+    )
+    seen = []
+    solve = flowprep.flow._solve
+
+    def spy(i0, *args):
+        seen.append((len(i0), threading.current_thread().name, torch.get_num_threads()))
+        return solve(i0, *args)
+
+    monkeypatch.setattr(flowprep.flow, "_solve", spy)
+    kw = dict(device="cpu", nscales=2, warps=2)
+    batch = compute_flow(frames[:-1], frames[1:], **kw)
+    if torch.get_num_threads() > 1:
+        assert len(seen) == 3
+        assert all(n == 1 and name.startswith("flowprep-tvl1-") and t == 1 for n, name, t in seen)
+    seen.clear()
+    for k in range(3):  # alone: in this thread, on all its cores
+        np.testing.assert_array_equal(batch[k], compute_flow(frames[k], frames[k + 1], **kw))
+    assert [name for _, name, _ in seen] == [threading.current_thread().name] * 3
+
+
+def test_pair_sums_do_not_depend_on_batch_mates_or_threads() -> None:
+    # the per-step error behind each pair's stop test: a pair alone on several cores, in a batch,
+    # and on one core must sum to the same bits, or its flow could depend on how it was solved
+    d = torch.randn(5, 2, 256, 341, generator=torch.Generator().manual_seed(0))
+    batch = pair_sums(d)
+    alone = torch.stack([pair_sums(d[i : i + 1])[0] for i in range(5)])
+    one_core = run_single_threaded(lambda i: pair_sums(d[i : i + 1])[0], list(range(5)), 2)
+    assert torch.equal(alone, batch)
+    assert torch.equal(torch.stack(one_core), batch)
+    torch.testing.assert_close(batch.double(), d.double().sum(dim=(1, 2, 3)), rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(not openmp.available(), reason="torch has no OpenMP runtime we can reach")
+def test_run_single_threaded_keeps_order_and_runs_each_thread_on_one_core() -> None:
+    def probe(x: int) -> tuple[int, int, str]:
+        return x * x, torch.get_num_threads(), threading.current_thread().name
+
+    out = run_single_threaded(probe, list(range(10)), 3)
+    assert [o[0] for o in out] == [x * x for x in range(10)]
+    assert {o[1] for o in out} == {1}
+    assert {o[2] for o in out} <= {"flowprep-tvl1-0", "flowprep-tvl1-1", "flowprep-tvl1-2"}
+
+
+@pytest.mark.skipif(not openmp.available(), reason="torch has no OpenMP runtime we can reach")
+def test_one_core_threads_leave_other_threads_their_cores() -> None:
+    # torch.set_num_threads(1) in a worker would also become the count of every thread started
+    # later (and of MKL everywhere): only the worker itself may run on one core
+    cores = torch.get_num_threads()
+    assert run_single_threaded(lambda _: torch.get_num_threads(), [0, 1], 2) == [1, 1]
+    later = []
+    thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert later == [cores] and torch.get_num_threads() == cores
+
+
+def test_an_error_on_a_solver_thread_reaches_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(i0, *args):
+        raise RuntimeError(f"solver broke on {len(i0)} pair")
+
+    monkeypatch.setattr(flowprep.flow, "_solve", broken)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # threads even on a 1-core runner
+    frames = np.zeros((4, 128, 128), np.uint8)
+    with pytest.raises(RuntimeError, match="solver broke on 1 pair"):
+        compute_flow(frames[:-1], frames[1:], device="cpu")
 
 
 def test_float_frames_read_as_0_to_1():
