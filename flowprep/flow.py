@@ -194,35 +194,48 @@ def run_single_threaded(function: Any, items: list, threads: int) -> list:
 
     How the eager CPU solver uses the cores: one chunk of pairs per thread, not one chunk on all
     cores. Its ops on a 341x256 pair are too small for OpenMP to pay for its ~40 joins per
-    iteration (1.2x faster this way on 2 cores), and a thread that runs torch on several cores
-    is 3x slower once another thread (the main one, say) has done so too: libgomp keeps a team
-    per thread and throttles both (benchmarks/threads.py). Daemon threads: Ctrl-C never waits.
+    iteration (1.1-1.6x faster this way on 2 cores), and a thread that runs torch on several
+    cores is 3x slower once another thread (the main one, say) has done so too: libgomp keeps a
+    team per thread and throttles both (benchmarks/threads.py). If the caller is interrupted
+    (Ctrl-C), the threads finish the item in hand and take no more before it re-raises: a
+    process must not exit while they are inside torch.
     """
     results: list = [None] * len(items)
     errors: list[BaseException] = []
+    stop = threading.Event()
     queue = iter(range(len(items)))
     lock = threading.Lock()
 
-    def work() -> None:
-        openmp.one_core_in_this_thread()  # not torch.set_num_threads: that is process-wide
-        while not errors:
-            with lock:
-                i = next(queue, None)
-            if i is None:
-                return
-            try:
+    def work(done: threading.Event) -> None:
+        try:
+            openmp.one_core_in_this_thread()  # not torch.set_num_threads: that is process-wide
+            while not errors and not stop.is_set():
+                with lock:
+                    i = next(queue, None)
+                if i is None:
+                    return
                 results[i] = function(items[i])
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
-                errors.append(exc)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            errors.append(exc)
+        finally:
+            done.set()
 
-    workers = [
-        threading.Thread(target=work, daemon=True, name=f"flowprep-tvl1-{k}")
-        for k in range(threads)
-    ]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+    # Events, not Thread.join: an interrupted join marks a running thread stopped (Python 3.11)
+    workers: list[tuple[threading.Thread, threading.Event]] = []
+    try:
+        for k in range(threads):
+            done = threading.Event()
+            workers.append((threading.Thread(target=work, args=(done,), daemon=True), done))
+            workers[-1][0].name = f"flowprep-tvl1-{k}"
+            workers[-1][0].start()
+        for _, done in workers:
+            done.wait()
+    except BaseException:  # Ctrl-C, say: let the threads leave torch before the caller goes on
+        stop.set()
+        for thread, done in workers:
+            if thread.ident is not None:  # started (start() itself may be what was interrupted)
+                done.wait()
+        raise
     if errors:
         raise errors[0]
     return results
@@ -287,6 +300,8 @@ def compute_flow(
     or "auto": from 160x120 frames up; worth it for long jobs only, as the first call of each
     frame size compiles for seconds, cached on disk; falls back to eager, warning once, where
     torch.compile cannot run); the opencv backend runs `jobs` processes (default: one per core).
+    On the CPU, eager torch flow of several pairs runs a pair per core, each in a thread of its
+    own; one pair, or compiled flow, runs on all cores in the calling thread.
     """
     if backend not in BACKENDS:
         raise ValueError(f"flow backend must be one of {BACKENDS}, got {backend!r}")

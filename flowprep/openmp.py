@@ -37,9 +37,20 @@ def _omp_set_num_threads():
     return None
 
 
+@cache
 def available() -> bool:
-    """Whether one_core_in_this_thread can work here (torch uses an OpenMP runtime we found)."""
-    return _omp_set_num_threads() is not None
+    """Whether one_core_in_this_thread works here: tried once, in a thread of its own.
+
+    False where torch has no OpenMP, its runtime was not found, or the one found is not the one
+    torch uses (several mapped): the thread's count would not change.
+    """
+    if _omp_set_num_threads() is None:
+        return False
+    took: list[bool] = []
+    probe = threading.Thread(target=lambda: took.append(one_core_in_this_thread()))
+    probe.start()
+    probe.join()
+    return took == [True]
 
 
 def one_core_in_this_thread() -> bool:

@@ -230,13 +230,13 @@ def _estimate_v(u, i1wx, i1wy, grad, rho_c, l_t):
 
 
 def pair_sums(x: torch.Tensor) -> torch.Tensor:
-    """Each pair's sum of (B, C, H, W) values, taken row by row, then over the rows.
+    """Each pair's sum of (B, C, H, W) values: rows, then columns of row totals, then channels.
 
     One sum over C x H x W would be split over threads on the CPU when a pair is alone (a single
     output) and not when it has batch mates, so a pair's stop test could depend on its batch
-    and the thread count; row sums and then ~2H row totals are each summed by one thread.
+    and the thread count; summed in stages, every output has one thread (B x C outputs at least).
     """
-    return x.sum(dim=-1).sum(dim=(1, 2))
+    return x.sum(dim=-1).sum(dim=-1).sum(dim=-1)
 
 
 def primal_dual_step(u, px, py, i1wx, i1wy, grad, rho_c, l_t: float, theta: float, taut: float):

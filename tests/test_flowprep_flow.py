@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -154,7 +155,7 @@ def test_eager_cpu_batch_runs_a_pair_per_thread_and_equals_each_pair_alone(
     monkeypatch.setattr(flowprep.flow, "_solve", spy)
     kw = dict(device="cpu", nscales=2, warps=2)
     batch = compute_flow(frames[:-1], frames[1:], **kw)
-    if torch.get_num_threads() > 1:
+    if torch.get_num_threads() > 1 and openmp.available():
         assert len(seen) == 3
         assert all(n == 1 and name.startswith("flowprep-tvl1-") and t == 1 for n, name, t in seen)
     seen.clear()
@@ -166,13 +167,15 @@ def test_eager_cpu_batch_runs_a_pair_per_thread_and_equals_each_pair_alone(
 def test_pair_sums_do_not_depend_on_batch_mates_or_threads() -> None:
     # the per-step error behind each pair's stop test: a pair alone on several cores, in a batch,
     # and on one core must sum to the same bits, or its flow could depend on how it was solved
-    d = torch.randn(5, 2, 256, 341, generator=torch.Generator().manual_seed(0))
-    batch = pair_sums(d)
-    alone = torch.stack([pair_sums(d[i : i + 1])[0] for i in range(5)])
-    one_core = run_single_threaded(lambda i: pair_sums(d[i : i + 1])[0], list(range(5)), 2)
-    assert torch.equal(alone, batch)
-    assert torch.equal(torch.stack(one_core), batch)
-    torch.testing.assert_close(batch.double(), d.double().sum(dim=(1, 2, 3)), rtol=1e-6, atol=0)
+    for shape in ((2, 256, 341), (2, 20000, 3)):  # a frame, and one taller than torch's grain
+        d = torch.randn(5, *shape, generator=torch.Generator().manual_seed(0))
+        batch = pair_sums(d)
+        alone = torch.stack([pair_sums(d[i : i + 1])[0] for i in range(5)])
+        one_core = run_single_threaded(lambda i, d=d: pair_sums(d[i : i + 1])[0], [*range(5)], 2)
+        assert torch.equal(alone, batch)
+        assert torch.equal(torch.stack(one_core), batch)
+        expected = d.double().sum(dim=(1, 2, 3))
+        torch.testing.assert_close(batch.double(), expected, rtol=1e-6, atol=0)
 
 
 @pytest.mark.skipif(not openmp.available(), reason="torch has no OpenMP runtime we can reach")
@@ -197,6 +200,42 @@ def test_one_core_threads_leave_other_threads_their_cores() -> None:
     thread.start()
     thread.join()
     assert later == [cores] and torch.get_num_threads() == cores
+
+
+@pytest.mark.parametrize("waits_before", [0, 2])  # in the first thread's start(), after both
+def test_interrupted_caller_stops_the_threads_before_it_raises(
+    monkeypatch: pytest.MonkeyPatch, waits_before: int
+) -> None:
+    # Ctrl-C while the caller waits: the threads must finish the item in hand and take no more
+    # before KeyboardInterrupt goes on, or the process exits while they are inside torch (abort)
+    done = []
+    wait = threading.Event.wait
+    caller = threading.current_thread()
+    calls = []
+
+    def wait_once_interrupted(self, timeout=None):
+        if threading.current_thread() is caller:
+            calls.append(True)
+            if len(calls) == waits_before + 1:
+                time.sleep(0.05)
+                raise KeyboardInterrupt
+        return wait(self, timeout)
+
+    monkeypatch.setattr(threading.Event, "wait", wait_once_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_single_threaded(lambda i: time.sleep(0.01) or done.append(i), list(range(200)), 2)
+    finished = len(done)
+    time.sleep(0.1)
+    assert 0 < finished == len(done) < 200  # none still working once the caller raised
+
+
+def test_a_failing_pin_reaches_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> bool:
+        raise OSError("omp_set_num_threads unavailable")
+
+    monkeypatch.setattr(openmp, "one_core_in_this_thread", broken)
+    with pytest.raises(OSError, match="omp_set_num_threads unavailable"):
+        run_single_threaded(lambda i: i, [1, 2, 3], 2)
 
 
 def test_an_error_on_a_solver_thread_reaches_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
