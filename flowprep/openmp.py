@@ -23,8 +23,8 @@ def _omp_set_num_threads():
 
     if "OpenMP" not in torch.__config__.parallel_info():
         return None
-    candidates = sorted(p for p in (Path(torch.__file__).parent / "lib").iterdir()
-                        if _RUNTIME.match(p.name))  # fmt: skip
+    lib = Path(torch.__file__).parent / "lib"
+    candidates = sorted(p for p in lib.iterdir() if _RUNTIME.match(p.name)) if lib.is_dir() else []
     maps = Path("/proc/self/maps")
     if not candidates and maps.exists():  # a runtime torch found elsewhere (a distro build)
         loaded = {line.split()[-1] for line in maps.read_text().splitlines() if "/" in line}
@@ -47,7 +47,14 @@ def available() -> bool:
     if _omp_set_num_threads() is None:
         return False
     took: list[bool] = []
-    probe = threading.Thread(target=lambda: took.append(one_core_in_this_thread()))
+
+    def try_it() -> None:
+        try:
+            took.append(one_core_in_this_thread())
+        except Exception:  # noqa: BLE001 - any failure means: do not rely on it
+            took.append(False)
+
+    probe = threading.Thread(target=try_it)
     probe.start()
     probe.join()
     return took == [True]

@@ -238,6 +238,26 @@ def test_a_failing_pin_reaches_the_caller(monkeypatch: pytest.MonkeyPatch) -> No
         run_single_threaded(lambda i: i, [1, 2, 3], 2)
 
 
+@pytest.mark.skipif(torch.get_num_threads() == 1, reason="one core: any pin 'takes'")
+def test_a_pin_that_does_not_take_is_not_relied_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    # an OpenMP runtime that is not torch's (several mapped) leaves the count unchanged: then
+    # eager flow must stay pair by pair in the calling thread, not oversubscribe the cores
+    monkeypatch.setattr(openmp, "_omp_set_num_threads", lambda: lambda n: None)
+    openmp.available.cache_clear()
+    try:
+        assert openmp.available() is False
+        seen = []
+        solve = flowprep.flow._solve
+        monkeypatch.setattr(
+            flowprep.flow, "_solve", lambda *a: seen.append(threading.current_thread()) or solve(*a)
+        )
+        frames = np.zeros((3, 128, 128), np.uint8)
+        compute_flow(frames[:-1], frames[1:], device="cpu", nscales=1, warps=1)
+        assert seen == [threading.current_thread()] * 2
+    finally:
+        openmp.available.cache_clear()
+
+
 def test_an_error_on_a_solver_thread_reaches_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(i0, *args):
         raise RuntimeError(f"solver broke on {len(i0)} pair")
