@@ -209,7 +209,7 @@ def run_single_threaded(function: Any, items: list, threads: int) -> list:
     def work(done: threading.Event) -> None:
         try:
             openmp.one_core_in_this_thread()  # not torch.set_num_threads: that is process-wide
-            while not errors and not stop.is_set():
+            while not stop.is_set():
                 with lock:
                     i = next(queue, None)
                 if i is None:
@@ -217,6 +217,7 @@ def run_single_threaded(function: Any, items: list, threads: int) -> list:
                 results[i] = function(items[i])
         except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
             errors.append(exc)
+            stop.set()  # the other threads take no more items
         finally:
             done.set()
 
@@ -225,9 +226,10 @@ def run_single_threaded(function: Any, items: list, threads: int) -> list:
     try:
         for k in range(threads):
             done = threading.Event()
-            workers.append((threading.Thread(target=work, args=(done,), daemon=True), done))
-            workers[-1][0].name = f"flowprep-tvl1-{k}"
-            workers[-1][0].start()
+            thread = threading.Thread(target=work, args=(done,), name=f"flowprep-tvl1-{k}")
+            thread.daemon = True
+            workers.append((thread, done))
+            thread.start()
         for _, done in workers:
             done.wait()
     except BaseException:  # Ctrl-C, say: let the threads leave torch before the caller goes on
