@@ -57,17 +57,27 @@ def sample_chunk_positions(
     If the video is too short for tau, tau is reduced to the largest that fits; if even tau = 1 does
     not fit, all positions are used and padded symmetrically in time by repeating the end ones.
     """
+    return sample_chunks(n_positions, num_chunks, tau_range, rng)[0]
+
+
+def sample_chunks(
+    n_positions: int, num_chunks: int, tau_range: tuple[int, int], rng: np.random.Generator
+) -> tuple[np.ndarray, bool]:
+    """`sample_chunk_positions` and whether the drawn tau did not fit (reduced or padded).
+
+    The same draws in the same order, so both give the same positions for the same generator.
+    """
     lo, hi = tau_range
     if not 1 <= lo <= hi:
         raise ValueError(f"tau range must satisfy 1 <= min <= max, got {tau_range}")
-    tau = int(rng.integers(lo, hi + 1))
+    drawn = int(rng.integers(lo, hi + 1))
     if num_chunks == 1:
-        return np.array([int(rng.integers(0, n_positions))], dtype=np.int64)
-    tau = min(tau, (n_positions - 1) // (num_chunks - 1))
+        return np.array([int(rng.integers(0, n_positions))], dtype=np.int64), False
+    tau = min(drawn, (n_positions - 1) // (num_chunks - 1))
     if tau >= 1:
         start = int(rng.integers(0, n_positions - (num_chunks - 1) * tau))
-        return start + tau * np.arange(num_chunks, dtype=np.int64)
-    return pad_symmetric(np.arange(n_positions, dtype=np.int64), num_chunks)
+        return start + tau * np.arange(num_chunks, dtype=np.int64), tau < drawn
+    return pad_symmetric(np.arange(n_positions, dtype=np.int64), num_chunks), True
 
 
 def pad_symmetric(positions: np.ndarray, length: int) -> np.ndarray:
@@ -259,11 +269,18 @@ def read_split_list(path: str | Path) -> list[tuple[str, int]]:
     return items
 
 
+class ClippedStrideWarning(UserWarning):
+    """A training video was too short for the sampled chunk stride tau (reduced or padded)."""
+
+
 class ClipDataset(Dataset):
     """Clips of a flowprep reader for training (random) or testing (evenly spaced chunks).
 
     Each item is a dict: `rgb` (T, 3, h, w) and/or `flow` (T, 2L, h, w) float tensors, `label`,
-    `index`. At test time T = `test_chunks` and a flipped copy is not added (see evaluate).
+    `index`; training items also hold `num_positions` and `tau_clipped` (the video was too short
+    for the drawn tau, see `clipped_stride_message`). At test time T = `test_chunks` and a flipped
+    copy is not added (see evaluate). An item is asked for by `index` (the current epoch's draws)
+    or by `(epoch, index)`, so DataLoader workers that outlive an epoch draw the right samples.
     """
 
     def __init__(
@@ -289,23 +306,30 @@ class ClipDataset(Dataset):
         """Select the epoch whose random draws `__getitem__` makes (exact resume)."""
         self.epoch = epoch
 
-    def rng(self, index: int) -> np.random.Generator:
-        """Generator of sample `index` in the current epoch, independent of worker and order."""
-        return np.random.default_rng([self.seed, self.epoch, index])
+    def rng(self, index: int, epoch: int | None = None) -> np.random.Generator:
+        """Generator of sample `index` in `epoch` (default: the current one), independent of
+        worker and order."""
+        return np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, index])
 
     def positions(self, video, rng: np.random.Generator) -> np.ndarray:
         """Chunk positions for a video: random stride tau for training, even spacing for tests."""
+        return self.sample_positions(video, rng)[0]
+
+    def sample_positions(self, video, rng: np.random.Generator) -> tuple[np.ndarray, int, bool]:
+        """(chunk positions, number of valid positions, whether the drawn tau did not fit)."""
         cfg = self.cfg
         n = num_positions(video.num_frames, video.num_flows, cfg.flow_stack, cfg.use_flow)
         if self.train:
-            return sample_chunk_positions(n, cfg.num_chunks, (cfg.tau_min, cfg.tau_max), rng)
-        return even_positions(n, cfg.test_chunks)
+            pos, clipped = sample_chunks(n, cfg.num_chunks, (cfg.tau_min, cfg.tau_max), rng)
+            return pos, n, clipped
+        return even_positions(n, cfg.test_chunks), n, False
 
-    def __getitem__(self, index: int) -> dict:
-        cfg, rng = self.cfg, self.rng(index)
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        cfg, rng = self.cfg, self.rng(index, epoch)
         vid, label = self.items[index]
         video = self.reader[vid]
-        pos = self.positions(video, rng)
+        pos, n_positions, clipped = self.sample_positions(video, rng)
         rgb = read_frames(video.rgb, pos) if cfg.use_rgb else None
         flow = None
         if cfg.use_flow:
@@ -319,6 +343,8 @@ class ClipDataset(Dataset):
         box, size = self.crop_box(height, width, rng)
         flip = self.train and rng.random() < cfg.flip_p
         out: dict = {"label": int(label), "index": int(index)}
+        if self.train:
+            out.update(num_positions=int(n_positions), tau_clipped=bool(clipped))
         if rgb is not None:
             rgb = crop_resize(rgb, box, size)
             out["rgb"] = normalize_rgb(hflip_rgb(rgb) if flip else rgb)
@@ -341,3 +367,21 @@ class ClipDataset(Dataset):
         if rule == "none":
             return CropBox(0, 0, height, width), None
         raise ValueError(f"unknown crop rule {rule!r}; use appearance, motion, center or none")
+
+
+def clipped_stride_message(batch: dict, items: Sequence[tuple[str, int]], cfg: SamplingConfig):
+    """One line naming the first video of a training batch too short for its drawn tau, or None.
+
+    The trainer warns with it once per run (`ClippedStrideWarning`), not once per sample.
+    """
+    clipped = batch.get("tau_clipped")
+    if clipped is None or not bool(torch.as_tensor(clipped).any()):
+        return None
+    first = int(torch.as_tensor(clipped).nonzero()[0, 0])
+    vid = items[int(batch["index"][first])][0]
+    n = int(batch["num_positions"][first])
+    return (
+        f"video {vid!r} has {n} chunk positions, too few for {cfg.num_chunks} chunks at stride "
+        f"tau {cfg.tau_min}-{cfg.tau_max}: tau reduced or positions padded for such videos "
+        "(warned once per run)"
+    )

@@ -13,6 +13,7 @@ from strnet.data import (
     ClipDataset,
     SamplingConfig,
     appearance_crop_box,
+    clipped_stride_message,
     crop_resize,
     even_positions,
     flow_stack_indices,
@@ -23,6 +24,7 @@ from strnet.data import (
     pad_symmetric,
     read_split_list,
     sample_chunk_positions,
+    sample_chunks,
     stack_flows,
 )
 
@@ -220,3 +222,31 @@ def test_missing_video_is_one_line_error(tmp_path):
     bad.write_text("a 10 0\nb 10\n")
     with pytest.raises(ValueError, match="train_split1.txt:2: expected"):
         read_split_list(bad)
+
+
+def test_epoch_travels_with_the_index_and_short_videos_are_flagged():
+    video = FakeVideo(12)  # 11 flows, stacks of 4: 8 positions
+    cfg = SamplingConfig(
+        num_chunks=3, tau_min=2, tau_max=6, flow_stack=4, crop="appearance", crop_size=16
+    )
+    ds = ClipDataset(FakeReader(v=video), [("v", 0)] * 4, cfg, seed=7)
+    ds.set_epoch(3)
+    a = ds[2]
+    ds.set_epoch(0)
+    b = ds[(3, 2)]  # what a persistent worker, whose copy stays at epoch 0, is asked for
+    torch.testing.assert_close(a["flow"], b["flow"], rtol=0, atol=0)
+    assert b["index"] == 2 and b["num_positions"] == 8
+    # tau up to 6 needs 1 + 2 * 6 = 13 positions: flagged exactly when the drawn tau is cut
+    for seed in range(20):
+        want = sample_chunk_positions(8, 3, (2, 6), np.random.default_rng(seed))
+        got, clipped = sample_chunks(8, 3, (2, 6), np.random.default_rng(seed))
+        np.testing.assert_array_equal(got, want)
+        drawn = int(np.random.default_rng(seed).integers(2, 7))
+        assert clipped == (drawn > 3)
+    batch = {"tau_clipped": torch.tensor([False, True]), "index": torch.tensor([0, 1]),
+             "num_positions": torch.tensor([8, 8])}  # fmt: skip
+    assert clipped_stride_message(batch, [("v", 0), ("short/v", 1)], cfg) == (
+        "video 'short/v' has 8 chunk positions, too few for 3 chunks at stride tau 2-6: "
+        "tau reduced or positions padded for such videos (warned once per run)"
+    )
+    assert clipped_stride_message({**batch, "tau_clipped": torch.tensor([0, 0])}, [], cfg) is None
