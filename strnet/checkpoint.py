@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -56,20 +58,25 @@ def _as_tuple(value):
     return value
 
 
-def save_checkpoint(path: str | Path, state: dict) -> Path:
-    """Write `state` to `path` atomically: a temporary file in the same folder, fsync, rename.
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Call `write(file)` on a temporary file beside `path`, fsync, then rename it to `path`.
 
-    A kill during the write leaves the previous checkpoint intact.
+    A kill during the write leaves the previous file intact (checkpoints, saved scores).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
-        torch.save(state, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+def save_checkpoint(path: str | Path, state: dict) -> Path:
+    """Write `state` to `path` atomically (`write_atomic`): a kill keeps the previous one."""
+    return write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -122,6 +122,11 @@ class LoadReport:
         )
 
 
+def is_head_key(key: str) -> bool:
+    """Whether `key` is a classifier parameter (`fc.weight`, `appearance.fc.bias`, ...)."""
+    return key in HEAD_KEYS or key.endswith(tuple(f".{k}" for k in HEAD_KEYS))
+
+
 def _listing(name: str, keys: list[str], limit: int = 4) -> str:
     more = f", ... {len(keys) - limit} more" if len(keys) > limit else ""
     return f"{len(keys)} {name} ({', '.join(keys[:limit])}{more})"
@@ -158,11 +163,12 @@ def load_pretrained(
         if fitted is not value:
             report.adapted.append(key)
     report.missing = [k for k in target if k not in usable]
-    tolerated = HEAD_KEYS if new_head else ()
     bad_missing = [
-        k for k in report.missing if k not in tolerated and not k.endswith(OPTIONAL_KEYS)
+        k
+        for k in report.missing
+        if not (new_head and is_head_key(k)) and not k.endswith(OPTIONAL_KEYS)
     ]
-    bad_mismatch = [m for m in report.mismatched if m.split()[0] not in tolerated]
+    bad_mismatch = [m for m in report.mismatched if not (new_head and is_head_key(m.split()[0]))]
     if bad_missing or report.unexpected or bad_mismatch:
         parts = [
             _listing(name, keys)
