@@ -36,7 +36,7 @@ class DataConfig:
     num_chunks: int = 1  # T temporal chunks per clip
     tau_min: int = 1  # smallest temporal stride between chunks (frames)
     tau_max: int = 1  # largest temporal stride between chunks (frames)
-    flow_stack: int = 10  # L flows per motion input
+    flow_stack: int = 10  # L flows per motion input; unless set, a strnet init checkpoint's L
     use_rgb: bool = True  # load RGB frames (appearance stream)
     use_flow: bool = True  # load flow stacks (motion stream)
     crop: str = "appearance"  # "appearance" (±25 % jitter), "motion" (corner/centre), "none"
@@ -51,8 +51,8 @@ class ModelConfig:
     """Which network to build (`strnet.models.create_model`) and how to initialise it."""
 
     name: str = "st_resnet50"  # a name of strnet.models.MODEL_NAMES
-    num_classes: int = 101  # K output classes
-    width: int = 64  # channels of conv1, doubled per stage (64 = paper; 8 for quick tests)
+    num_classes: int = 0  # K output classes; 0 = from the data (1 + largest label of the lists)
+    width: int = 0  # conv1 channels, doubled per stage; 0 = init checkpoint's, else 64 (paper)
     in_channels: int = 0  # input channels of a 2D single stream; 0 = from data (3 RGB, 2L flow)
     bn_sub_batch: int = 0  # samples per BatchNorm sub-batch (Table 2 "Bnorm batch"); 0 = whole
     conv1_init: str = "authors"  # conv1 adaptation rule for flow input: "authors" or "timm"
@@ -86,6 +86,7 @@ class RunConfig:
     progress: bool = True  # show a tqdm bar on rank 0
     sync_bn: bool = False  # SyncBatchNorm across ranks (off: the paper wants small BN batches)
     precise_bn: int = 0  # micro-batches to re-estimate BN statistics on at the end (0 = off)
+    val_every: int = 0  # steps between top-1 checks on the test list (centre crops); 0 = off
 
 
 @dataclass
@@ -96,6 +97,8 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # dotted keys the TOML file or overrides set (by `load_config`; None: built in Python)
+    explicit_keys: typing.ClassVar[frozenset[str] | None] = None
 
     def validate(self) -> TrainConfig:
         """Check values the types cannot; raise ConfigError with one line on the first problem."""
@@ -122,8 +125,13 @@ class TrainConfig:
             (d.crop in ("appearance", "motion", "center", "none"), f"bad data.crop {d.crop!r}"),
             (0.0 <= d.flip_p <= 1.0, "data.flip_p must be in [0, 1]"),
             (d.crop_size > 0 and d.test_chunks > 0, "data.crop_size and test_chunks must be > 0"),
-            (self.model.num_classes > 0, "model.num_classes must be positive"),
-            (self.model.width > 0, "model.width must be positive"),
+            (self.model.num_classes >= 0, "model.num_classes must be >= 0 (0 = from the data)"),
+            (self.model.width >= 0, "model.width must be >= 0 (0 = from init or 64)"),
+            (self.run.val_every >= 0, "run.val_every must be >= 0 (0 = off)"),
+            (
+                self.run.log_every > 0 and self.run.ckpt_every > 0,
+                "run.log_every and run.ckpt_every must be positive",
+            ),
             (self.run.precise_bn >= 0, "run.precise_bn must be >= 0"),
             (self.model.bn_sub_batch >= 0, "model.bn_sub_batch must be >= 0 (0 = whole batch)"),
             (
@@ -174,8 +182,11 @@ def check_value(key: str, value, tp):
     return value
 
 
-def apply_dict(cfg, values: dict, prefix: str = "") -> None:
-    """Set nested `values` onto dataclass `cfg` in place, type-checked; unknown keys fail."""
+def apply_dict(cfg, values: dict, prefix: str = "", seen: set[str] | None = None) -> None:
+    """Set nested `values` onto dataclass `cfg` in place, type-checked; unknown keys fail.
+
+    The dotted keys set are added to `seen` (when given), so callers know what the user chose.
+    """
     hints = typing.get_type_hints(type(cfg))
     names = {f.name for f in dataclasses.fields(cfg)}
     for key, value in values.items():
@@ -186,9 +197,11 @@ def apply_dict(cfg, values: dict, prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: expected a table of settings, got {value!r}")
-            apply_dict(current, value, prefix=f"{path}.")
+            apply_dict(current, value, prefix=f"{path}.", seen=seen)
         else:
             setattr(cfg, key, check_value(path, value, hints[key]))
+            if seen is not None:
+                seen.add(path)
 
 
 def parse_override(item: str) -> dict:
@@ -222,25 +235,46 @@ def resolve_config_path(name: str | Path) -> Path:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> TrainConfig:
     """Defaults, then the TOML file (if any), then `key=value` overrides; validated.
 
-    Raises ConfigError with a one-line message for unknown keys or ill-typed values.
+    Raises ConfigError with a one-line message for unknown keys or ill-typed values. The keys
+    the file or the overrides set are kept in `cfg.explicit_keys` (see `is_set`).
     """
-    cfg = TrainConfig()
+    cfg, seen = TrainConfig(), set()
     if path is not None:
         p = resolve_config_path(path)
         try:
             values = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{p}: {exc}") from None
-        apply_dict(cfg, values)
+        apply_dict(cfg, values, seen=seen)
     for item in overrides:
-        apply_dict(cfg, parse_override(item))
+        apply_dict(cfg, parse_override(item), seen=seen)
+    cfg.explicit_keys = frozenset(seen)
     return cfg.validate()
 
 
+def is_set(cfg: TrainConfig, key: str) -> bool:
+    """Whether the dotted `key` was chosen by the user rather than left at its default.
+
+    For a config from `load_config`: set by the TOML file or an override. For one built in
+    Python: its value differs from the default. Settings inherited from an init checkpoint
+    (e.g. `data.flow_stack`) are inherited only when not set.
+    """
+    if cfg.explicit_keys is not None:
+        return key in cfg.explicit_keys
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name) != getattr(getattr(TrainConfig(), section), name)
+
+
+RUN_INFO_KEYS = ("classes",)  # written beside the config in a run's config.json, not settings
+
+
 def config_from_dict(values: dict) -> TrainConfig:
-    """Rebuild a TrainConfig from `dataclasses.asdict` output (e.g. stored in a checkpoint)."""
+    """Rebuild a TrainConfig from `dataclasses.asdict` output (a checkpoint's or config.json).
+
+    Run information stored beside the settings (`classes`) is ignored.
+    """
     cfg = TrainConfig()
-    apply_dict(cfg, values)
+    apply_dict(cfg, {k: v for k, v in values.items() if k not in RUN_INFO_KEYS})
     return cfg.validate()
 
 

@@ -2,7 +2,9 @@
 
 Paper protocol: 25 chunks sampled evenly and their horizontal flips, fully convolutional on whole
 frames (short side 256), scores averaged over all positions before softmax, streams fused by
-averaging. Centre protocol: the same chunks, one `crop_size` centre crop, no flips.
+averaging. Centre protocol: the same chunks, one `crop_size` centre crop, no flips. Every
+evaluation can save its per-video scores (`strnet.scores`), and saved scores fuse later without
+data or model, exactly as fusing the checkpoints would.
 """
 
 from __future__ import annotations
@@ -12,51 +14,33 @@ from pathlib import Path
 
 import click
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
 
-from strnet.checkpoint import CheckpointError, load_checkpoint
-from strnet.config import ConfigError, config_from_dict
-from strnet.data import ClipDataset, hflip_normalized_flow
-from strnet.train import (
-    build_model,
-    forward_scores,
-    is_two_stream,
+from strnet.config import ConfigError
+from strnet.models import is_two_stream
+from strnet.resolve import class_names
+from strnet.runtime import (  # noqa: F401 - video_scores/views re-exported for callers
+    PROTOCOLS,
+    list_path,
+    load_trained,
     open_data,
-    sampling_config,
+    score_videos,
     setup_device,
     split_items,
+    test_loader,
+    topk_accuracy,
+    video_scores,
+    video_views,
 )
-from strnet.weights import WeightsError, strip_prefixes
-
-PROTOCOLS = ("paper", "center")
-
-
-def video_views(sample: dict, flips: bool) -> dict:
-    """Batch of views (V, T, C, H, W) of one test clip: itself and, with `flips`, its mirror."""
-    views: dict = {}
-    if "rgb" in sample:
-        rgb = sample["rgb"]
-        views["rgb"] = torch.stack([rgb, torch.flip(rgb, dims=[-1])]) if flips else rgb[None]
-    if "flow" in sample:
-        flow = sample["flow"]
-        views["flow"] = torch.stack([flow, hflip_normalized_flow(flow)]) if flips else flow[None]
-    return views
-
-
-@torch.no_grad()
-def video_scores(model, views: dict, two_stream: bool, device, autocast) -> dict:
-    """Per-stream (K,) scores of one video: mean over views and positions, no softmax."""
-    with autocast:
-        scores = forward_scores(model, views, two_stream, device)
-    return {k: v.float().mean(dim=(0, 1)).cpu() for k, v in scores.items()}
-
-
-def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Fraction of rows of (N, K) `scores` whose label is among the k highest."""
-    k = min(k, scores.shape[1])
-    top = np.argsort(-scores, axis=1)[:, :k]
-    return float((top == labels[:, None]).any(axis=1).mean())
+from strnet.scores import (
+    VideoScores,
+    check_name,
+    combine,
+    default_name,
+    load_scores,
+    output_paths,
+    save_scores,
+)
+from strnet.weights import WeightsError
 
 
 def confusion_matrix(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -66,38 +50,89 @@ def confusion_matrix(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> 
     return cm
 
 
-def summarize(scores: np.ndarray, labels: np.ndarray) -> dict:
-    """Top-1, top-5, per-class accuracy and confusion matrix of video scores (N, K)."""
+def summarize(scores: np.ndarray, labels: np.ndarray, names: list[str] | None = None) -> dict:
+    """Top-1, top-5, per-class accuracy and confusion matrix of video scores (N, K).
+
+    `per_class` is a list by class index, or {class name: accuracy} when `names` are given;
+    classes without test videos have None.
+    """
     pred = scores.argmax(1)
     cm = confusion_matrix(pred, labels, scores.shape[1])
     support = cm.sum(1)
     per_class = np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
+    accs = [None if np.isnan(a) else float(a) for a in per_class]
     return {
         "top1": topk_accuracy(scores, labels, 1),
         "top5": topk_accuracy(scores, labels, 5),
-        "per_class": [None if np.isnan(a) else float(a) for a in per_class],
+        "per_class": dict(zip(names, accs, strict=True)) if names is not None else accs,
         "mean_class_accuracy": float(np.nanmean(per_class)) if support.any() else 0.0,
         "confusion": cm.tolist(),
         "num_videos": int(len(labels)),
     }
 
 
-def plot_confusion(cm: np.ndarray, png_path: Path, title: str) -> Path:
-    """Row-normalized confusion matrix as a PNG image."""
+def plot_confusion(
+    cm: np.ndarray, png_path: Path, title: str, names: list[str] | None = None
+) -> Path:
+    """Row-normalized confusion matrix as a PNG image, axes labelled with the class names."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(6, 5))
+    size = 6 if names is None else min(30, max(6, 0.18 * len(names) + 3))
+    fig, ax = plt.subplots(figsize=(size, size * 5 / 6))
     im = ax.imshow(norm, vmin=0, vmax=1, cmap="viridis")
     ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    if names is not None:
+        ticks = np.arange(len(names))
+        fontsize = max(3, min(9, 300 / max(len(names), 1)))
+        ax.set_xticks(ticks, names, rotation=90, fontsize=fontsize)
+        ax.set_yticks(ticks, names, fontsize=fontsize)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return png_path
+
+
+def checkpoint_scores(
+    checkpoint: str | Path,
+    data_root: str,
+    split: int,
+    *,
+    protocol: str,
+    test_chunks: int,
+    device: str,
+    test_list: str,
+    num_workers: int,
+) -> VideoScores:
+    """Per-stream video scores of one training checkpoint on the test list of `split`.
+
+    Class names are the checkpoint's (older checkpoints: from the videos' metadata).
+    """
+    trained = load_trained(checkpoint)
+    cfg = trained.cfg
+    cfg.data.root, cfg.data.split, cfg.data.test_list = data_root, split, test_list
+    cfg.data.test_chunks = test_chunks
+    items = split_items(cfg, "test")
+    k = cfg.model.num_classes
+    bad = [label for _, label in items if not 0 <= label < k]
+    if bad:
+        raise ConfigError(
+            f"label {bad[0]} in {list_path(cfg, 'test')} but '{checkpoint}' has {k} classes"
+        )
+    ctx = setup_device(device)
+    reader = open_data(data_root)
+    loader = test_loader(cfg, reader, items, protocol=protocol, num_workers=num_workers)
+    streams = score_videos(
+        trained.model.to(ctx.device), loader, two_stream=is_two_stream(cfg.model.name),
+        device=ctx.device, flips=protocol == "paper",
+    )  # fmt: skip
+    names = trained.classes or class_names(reader, items, k)
+    labels = np.array([label for _, label in items], dtype=np.int64)
+    return VideoScores([vid for vid, _ in items], labels, names, streams, protocol)
 
 
 def stream_scores(
@@ -112,39 +147,25 @@ def stream_scores(
     num_workers: int,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Video labels (N,) and per-stream video scores (N, K) of one checkpoint on a test list."""
-    ckpt = load_checkpoint(checkpoint)
-    if "config" not in ckpt or "model" not in ckpt:
-        raise CheckpointError(f"{str(checkpoint)!r} is not a strnet training checkpoint")
-    cfg = config_from_dict(ckpt["config"])
-    cfg.data.root, cfg.data.split, cfg.data.test_list = data_root, split, test_list
-    cfg.data.test_chunks = test_chunks
-    cfg.data.crop = "none" if protocol == "paper" else "center"
-    ctx = setup_device(device)
-    model = build_model(cfg)
-    model.load_state_dict(strip_prefixes(ckpt["model"]))
-    model.to(ctx.device).eval()
-    two_stream = is_two_stream(cfg.model.name)
-    cuda = ctx.device.type == "cuda"
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if cuda
-        else torch.autocast("cpu", enabled=False)
-    )
-    items = split_items(cfg, "test")
-    dataset = ClipDataset(open_data(data_root), items, sampling_config(cfg), train=False)
-    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
-    per_stream: dict[str, list] = {}
-    for sample in loader:
-        views = video_views(sample, flips=protocol == "paper")
-        for stream, s in video_scores(model, views, two_stream, ctx.device, autocast).items():
-            per_stream.setdefault(stream, []).append(s.numpy())
-    labels = np.array([label for _, label in items], dtype=np.int64)
-    return labels, {k: np.stack(v) for k, v in per_stream.items()}
+    s = checkpoint_scores(
+        checkpoint, data_root, split, protocol=protocol, test_chunks=test_chunks, device=device,
+        test_list=test_list, num_workers=num_workers,
+    )  # fmt: skip
+    return s.labels, s.streams
+
+
+def source_scores(path: str | Path, data_root: str | None, split: int, **kw) -> VideoScores:
+    """Scores of one input: saved `.npz` scores as they are, a checkpoint evaluated on the data."""
+    if str(path).endswith(".npz"):
+        return load_scores(path)
+    if not data_root:
+        raise ConfigError(f"'{path}' is a checkpoint: evaluating it needs the data (--data)")
+    return checkpoint_scores(path, data_root, split, **kw)
 
 
 def evaluate(
     checkpoint: str | Path | list[str | Path],
-    data_root: str,
+    data_root: str | None,
     split: int,
     *,
     protocol: str = "paper",
@@ -153,40 +174,51 @@ def evaluate(
     device: str = "auto",
     test_list: str = "",
     num_workers: int = 0,
+    name: str | None = None,
 ) -> dict:
-    """Evaluate trainer checkpoint(s) on the test list of `split`; return the metrics dict.
+    """Evaluate trainer checkpoint(s) or saved scores on the test list of `split`; the metrics.
 
-    Several checkpoints are fused like the streams of one: their non-softmaxed video scores are
-    averaged (Table 3's two-stream column from the appearance and motion phases). With `out`,
-    writes `eval_split<N>.json` and `confusion_split<N>.png` there.
+    Several inputs are fused like the streams of one: their non-softmaxed video scores are
+    averaged (Table 3's two-stream column from the appearance and motion phases); saved `.npz`
+    scores fuse without data or model. With `out`, writes `<name>_split<N>.json`,
+    `<name>_split<N>_confusion.png` and `<name>_split<N>_scores.npz` there (`strnet.scores`);
+    `name` defaults to the inputs' run-folder names joined by `+`.
     """
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {protocol!r}; use {' or '.join(PROTOCOLS)}")
     paths = list(checkpoint) if isinstance(checkpoint, list | tuple) else [checkpoint]
-    labels, streams = None, {}
-    for path in paths:
-        got, scores = stream_scores(
-            path, data_root, split, protocol=protocol, test_chunks=test_chunks, device=device,
-            test_list=test_list, num_workers=num_workers,
-        )  # fmt: skip
-        labels = got
-        for name, value in scores.items():
-            key = name if name not in streams else f"{name}:{path}"
-            streams[key] = value
-    fused = np.mean(np.stack(list(streams.values())), axis=0)
-    result = {"split": split, "protocol": protocol, "checkpoint": ", ".join(map(str, paths))}
-    result.update(summarize(fused, labels))
-    result["streams"] = {k: {"top1": topk_accuracy(v, labels, 1)} for k, v in streams.items()}
+    name = check_name(name) if name else "+".join(default_name(p) for p in paths)
+    kw = dict(protocol=protocol, test_chunks=test_chunks, device=device, test_list=test_list,
+              num_workers=num_workers)  # fmt: skip
+    scores = combine(
+        [(default_name(p), str(p), source_scores(p, data_root, split, **kw)) for p in paths]
+    )
+    result = report(scores, split, name, ", ".join(map(str, paths)))
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"eval_split{split}.json").write_text(json.dumps(result, indent=1) + "\n")
-        plot_confusion(
-            np.array(result["confusion"]),
-            out / f"confusion_split{split}.png",
-            f"split {split}: top-1 {result['top1']:.3f}",
-        )
+        write_outputs(out, split, result, scores)
     return result
+
+
+def report(scores: VideoScores, split: int, name: str, inputs: str) -> dict:
+    """The metrics dict of (fused) video scores: overall, per class (by name), per stream."""
+    result = {"split": split, "protocol": scores.protocol, "checkpoint": inputs, "name": name}
+    result.update(summarize(scores.fused(), scores.labels, scores.class_names))
+    result["classes"] = list(scores.class_names)
+    result["streams"] = {
+        k: {"top1": topk_accuracy(v, scores.labels, 1)} for k, v in scores.streams.items()
+    }
+    return result
+
+
+def write_outputs(out: str | Path, split: int, result: dict, scores: VideoScores) -> dict:
+    """Write the metrics JSON, confusion PNG and scores npz of one evaluation; their paths."""
+    paths = output_paths(out, result["name"], split)
+    paths["json"].parent.mkdir(parents=True, exist_ok=True)
+    paths["json"].write_text(json.dumps(result, indent=1) + "\n")
+    title = f"{result['name']} split {split}: top-1 {result['top1']:.3f}"
+    plot_confusion(np.array(result["confusion"]), paths["confusion"], title, scores.class_names)
+    save_scores(paths["scores"], scores)
+    return paths
 
 
 def mean_over_splits(results: list[dict]) -> dict:
@@ -211,9 +243,9 @@ def mean_over_splits(results: list[dict]) -> dict:
 @click.option(
     "--data",
     "data_root",
-    required=True,
+    default=None,
     type=click.Path(exists=True),
-    help="Frame-folder root or shard directory.",
+    help="Frame-folder root or shard directory (not needed to fuse saved .npz scores).",
 )
 @click.option(
     "--protocol",
@@ -234,7 +266,13 @@ def mean_over_splits(results: list[dict]) -> dict:
     "--out",
     type=click.Path(file_okay=False),
     default=None,
-    help="Folder for eval JSON and confusion-matrix PNGs.",
+    help="Folder for NAME_split<N>.json, NAME_split<N>_confusion.png and NAME_split<N>_scores.npz.",
+)
+@click.option(
+    "--name",
+    default=None,
+    help="Output name (letters, digits, ._+-); default: the run folder's name, for --fuse "
+    "the names joined by +.",
 )
 @click.option(
     "--device",
@@ -249,32 +287,26 @@ def mean_over_splits(results: list[dict]) -> dict:
 @click.option(
     "--fuse",
     is_flag=True,
-    help="Fuse all CHECKPOINTS (e.g. appearance + motion phases) on one --split by averaging "
-    "their scores before softmax.",
+    help="Fuse all CHECKPOINTS (e.g. appearance + motion phases, or their saved _scores.npz) "
+    "on one --split by averaging their scores before softmax.",
 )
 def eval_command(
-    checkpoints, splits, data_root, protocol, test_chunks, test_list, out, device, jobs, fuse
-):
-    """Evaluate CHECKPOINT(s) video by video; with three splits also print the mean."""
-    if fuse and len(splits) != 1:
-        raise click.UsageError("--fuse evaluates all CHECKPOINTS together: give one --split")
-    if not fuse and len(checkpoints) != len(splits):
-        raise click.UsageError("give one --split per CHECKPOINT")
-    runs = [(list(checkpoints), splits[0])] if fuse else list(zip(checkpoints, splits, strict=True))
+    checkpoints, splits, data_root, protocol, test_chunks, test_list, out, name, device, jobs,
+    fuse,
+):  # fmt: skip
+    """Evaluate CHECKPOINT(s) video by video; with three splits also print the mean.
+
+    A CHECKPOINT may also be the _scores.npz of an earlier eval: saved scores are fused without
+    data or model (e.g. `strnet eval a_split1_scores.npz b_split1_scores.npz --fuse --split 1`).
+    """
+    runs = check_eval_args(checkpoints, splits, data_root, out, name, fuse)
     results = []
     try:
         for ckpt, split in runs:
             r = evaluate(
-                ckpt,
-                data_root,
-                split,
-                protocol=protocol,
-                test_chunks=test_chunks,
-                out=out,
-                device=device,
-                test_list=test_list,
-                num_workers=jobs,
-            )
+                ckpt, data_root, split, protocol=protocol, test_chunks=test_chunks, out=out,
+                device=device, test_list=test_list, num_workers=jobs, name=name,
+            )  # fmt: skip
             results.append(r)
             click.echo(
                 f"split {split}: top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  "
@@ -287,3 +319,33 @@ def eval_command(
     if len(results) > 1:
         m = mean_over_splits(results)
         click.echo(f"mean over splits {m['splits']}: top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}")
+
+
+def check_eval_args(checkpoints, splits, data_root, out, name, fuse) -> list[tuple]:
+    """The (inputs, split) evaluations of `strnet eval`; usage errors before any work starts.
+
+    Two evaluations writing the same `<name>_split<N>` files into `--out` are refused.
+    """
+    if fuse and len(splits) != 1:
+        raise click.UsageError("--fuse evaluates all CHECKPOINTS together: give one --split")
+    if not fuse and len(checkpoints) != len(splits):
+        raise click.UsageError("give one --split per CHECKPOINT")
+    if data_root is None and not all(str(c).endswith(".npz") for c in checkpoints):
+        raise click.UsageError("--data is needed to evaluate checkpoints (only .npz scores fuse)")
+    try:
+        if name is not None:
+            check_name(name)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    runs = [(list(checkpoints), splits[0])] if fuse else list(zip(checkpoints, splits, strict=True))
+    if out is not None and not fuse:
+        seen: dict[str, object] = {}
+        for inputs, split in runs:
+            stem = f"{name or default_name(inputs)}_split{split}"
+            if stem in seen:
+                raise click.UsageError(
+                    f"{seen[stem]} and {inputs} would both write {stem}.json: evaluate them "
+                    "separately with --name"
+                )
+            seen[stem] = inputs
+    return runs

@@ -2,20 +2,26 @@
 
 Reads top to bottom like nanoGPT's train.py. Runs on CPU, on one GPU (bf16 autocast,
 channels_last) or on many through `torchrun` (DDP with gloo on CPU, nccl on CUDA). A checkpoint
-holds everything needed for `--resume` to continue exactly where the run stopped.
+holds everything needed for `--resume` to continue exactly where the run stopped. What training
+shares with evaluation (device, data, model building, scoring, fusion) is in `strnet.runtime`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import shutil
+import sys
 import time
+import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -29,101 +35,55 @@ from strnet.checkpoint import (
     set_rng_state,
 )
 from strnet.config import ConfigError, TrainConfig, load_config, to_dict
-from strnet.data import ClipDataset, SamplingConfig, read_split_list
-from strnet.models import MODEL_NAMES, create_model, is_two_stream
+from strnet.data import ClipDataset, ClippedStrideWarning, clipped_stride_message
+from strnet.models import is_two_stream
+from strnet.resolve import resolve_run
+from strnet.runtime import (  # noqa: F401 - build_model, Context, ... kept importable from here
+    Context,
+    autocast_for,
+    build_model,
+    forward_scores,
+    fused_scores,
+    open_data,
+    sampling_config,
+    score_videos,
+    setup_device,
+    split_items,
+    test_loader,
+    topk_accuracy,
+)
+from strnet.st_resnet import fuse
 from strnet.weights import WeightsError, load_pretrained, strip_prefixes
 
-
-# --------------------------------------------------------------------------- device / DDP
-@dataclass
-class Context:
-    """Where this process runs: device, rank and world size (torchrun env vars)."""
-
-    device: torch.device
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_device(preference: str = "auto") -> Context:
-    """Pick the device and join the process group when torchrun started us.
-
-    Backend is nccl on CUDA and gloo on CPU; without WORLD_SIZE > 1 no group is created.
-    """
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device is 'cuda' but no GPU is available")
-    use_cuda = preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Context(device, rank, local, world)
+RUN_FILES = ("metrics.jsonl", "checkpoint.pt", "best.pt", "curves.png")  # replaced by --overwrite
 
 
 # --------------------------------------------------------------------------- data
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start mid-epoch, after `start` samples of this rank.
+    """DistributedSampler that can start mid-epoch and yields `(epoch, index)` pairs.
 
-    The shuffled order is a function of (seed, epoch) only, so skipping reproduces the order
-    an uninterrupted run would have seen.
+    The shuffled order is a function of (seed, epoch) only, so skipping `start` samples of this
+    rank reproduces the order an uninterrupted run would have seen. The epoch travels with each
+    index, so persistent DataLoader workers (whose dataset copies never see `set_epoch`) draw
+    the augmentation of the right epoch.
     """
 
     start = 0
 
     def __iter__(self):
         indices = list(super().__iter__())
-        return iter(indices[self.start :])
+        return iter([(self.epoch, i) for i in indices[self.start :]])
 
     def __len__(self) -> int:
         return self.num_samples - self.start
 
 
-def sampling_config(cfg: TrainConfig) -> SamplingConfig:
-    """The dataset-side view of the [data] section."""
-    d = cfg.data
-    return SamplingConfig(
-        num_chunks=d.num_chunks,
-        tau_min=d.tau_min,
-        tau_max=d.tau_max,
-        flow_stack=d.flow_stack,
-        use_rgb=d.use_rgb,
-        use_flow=d.use_flow,
-        crop=d.crop,
-        crop_size=d.crop_size,
-        flip_p=d.flip_p,
-        test_chunks=d.test_chunks,
-    )
-
-
-def split_items(cfg: TrainConfig, subset: str) -> list[tuple[str, int]]:
-    """(video_id, label) pairs of the train or test list of `cfg.data.split`."""
-    given = cfg.data.train_list if subset == "train" else cfg.data.test_list
-    path = Path(given) if given else Path(cfg.data.root) / f"{subset}_split{cfg.data.split}.txt"
-    if not path.is_file():
-        raise ConfigError(f"{subset} list {str(path)!r} not found (set data.{subset}_list)")
-    return read_split_list(path)
-
-
-def open_data(root: str):
-    """Open a frame-folder root or shard directory through flowprep's reader API."""
-    from flowprep.reader import open_reader
-
-    if not root or not Path(root).exists():
-        raise ConfigError(f"data root {root!r} not found (set data.root)")
-    return open_reader(root)
-
-
-def build_loader(cfg: TrainConfig, ctx: Context) -> tuple[ClipDataset, ResumableSampler, dict]:
+def build_loader(
+    cfg: TrainConfig, ctx: Context, reader=None
+) -> tuple[ClipDataset, ResumableSampler, dict]:
     """Training dataset, its resumable distributed sampler and the DataLoader arguments."""
     dataset = ClipDataset(
-        open_data(cfg.data.root),
+        reader if reader is not None else open_data(cfg.data.root),
         split_items(cfg, "train"),
         sampling_config(cfg),
         train=True,
@@ -142,18 +102,38 @@ def build_loader(cfg: TrainConfig, ctx: Context) -> tuple[ClipDataset, Resumable
     return dataset, sampler, loader_kw
 
 
-def micro_batches(dataset: ClipDataset, sampler: ResumableSampler, loader_kw: dict, pos: dict):
+def make_loader(dataset: ClipDataset, loader_kw: dict) -> DataLoader:
+    """The one DataLoader of a run: its workers persist across epochs (no restart stalls).
+
+    Its own generator keeps worker seeding off the global RNG.
+    """
+    persistent = loader_kw.get("num_workers", 0) > 0
+    return DataLoader(
+        dataset, persistent_workers=persistent, generator=torch.Generator(), **loader_kw
+    )
+
+
+def micro_batches(
+    dataset: ClipDataset,
+    sampler: ResumableSampler,
+    loader_kw: dict,
+    pos: dict,
+    *,
+    loader: DataLoader | None = None,
+):
     """Endless micro-batches; `pos` ({"epoch", "offset"}) is updated as batches are consumed.
 
     `offset` counts this rank's samples already used in `epoch`, so a checkpoint of `pos`
-    restarts the stream at the same sample.
+    restarts the stream at the same sample. `loader` (from `make_loader`, built once per run)
+    is iterated once per epoch; without it one is made here.
     """
+    loader = loader if loader is not None else make_loader(dataset, loader_kw)
     while True:
         dataset.set_epoch(pos["epoch"])
         sampler.set_epoch(pos["epoch"])
         sampler.start = pos["offset"]
         got = False
-        for batch in DataLoader(dataset, **loader_kw):
+        for batch in loader:
             got = True
             pos["offset"] += len(batch["label"])
             yield batch
@@ -163,23 +143,6 @@ def micro_batches(dataset: ClipDataset, sampler: ResumableSampler, loader_kw: di
 
 
 # --------------------------------------------------------------------------- model
-def build_model(cfg: TrainConfig) -> torch.nn.Module:
-    """Create the network of the [model] section through `strnet.models.create_model`."""
-    m, d = cfg.model, cfg.data
-    if m.name not in MODEL_NAMES:
-        raise ConfigError(f"unknown model.name {m.name!r}; known: {', '.join(MODEL_NAMES)}")
-    kw = dict(num_classes=m.num_classes, width=m.width, bn_sub_batch=m.bn_sub_batch or None)
-    if is_two_stream(m.name):
-        if not (d.use_rgb and d.use_flow):
-            raise ConfigError(f"{m.name} needs data.use_rgb and data.use_flow")
-        kw.update(flow_stack=d.flow_stack)
-    else:
-        if d.use_rgb == d.use_flow:
-            raise ConfigError("a single-stream model needs data.use_rgb or data.use_flow, not both")
-        kw.update(in_channels=m.in_channels or (3 if d.use_rgb else 2 * d.flow_stack))
-    return create_model(m.name, **kw)
-
-
 def initialise(model: torch.nn.Module, cfg: TrainConfig) -> list[str]:
     """Load the phase's starting weights (previous phase or ImageNet); return report lines.
 
@@ -208,19 +171,6 @@ def to_channels_last(model: torch.nn.Module) -> None:
             p.data = p.data.contiguous(memory_format=torch.channels_last)
 
 
-def forward_scores(model, batch: dict, two_stream: bool, device) -> dict[str, torch.Tensor]:
-    """Per-stream class scores (B, T', K) of a batch of clips.
-
-    A single 2D stream classifies every chunk of (B, T, C, H, W) on its own.
-    """
-    if two_stream:
-        rgb = batch["rgb"].to(device, non_blocking=True)
-        flow = batch["flow"].to(device, non_blocking=True)
-        return model(rgb, flow)
-    key, stream = ("flow", "motion") if "flow" in batch else ("rgb", "appearance")
-    return {stream: model(batch[key].to(device, non_blocking=True))}
-
-
 def clip_loss(scores: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
     """Sum over streams of the mean cross-entropy over every (clip, chunk) position.
 
@@ -231,11 +181,6 @@ def clip_loss(scores: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Te
         b, t, k = s.shape
         total = total + F.cross_entropy(s.float().reshape(b * t, k), labels.repeat_interleave(t))
     return total
-
-
-def fused_scores(scores: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Video scores (B, K): average over positions, then over streams, before softmax."""
-    return torch.stack([s.float().mean(1) for s in scores.values()]).mean(0)
 
 
 def lr_at(step: int, lrs: list[float], iterations: list[int]) -> float:
@@ -269,7 +214,7 @@ def tensorboard_writer(out: Path):
 
 
 def plot_curves(metrics_path: Path, png_path: Path) -> Path | None:
-    """Loss and training-accuracy curves of a run as a PNG; None if nothing was logged."""
+    """Loss and accuracy curves of a run (validation top-1 too, if any) as a PNG."""
     if not metrics_path.is_file():
         return None
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
@@ -284,12 +229,41 @@ def plot_curves(metrics_path: Path, png_path: Path) -> Path | None:
     steps = [r["step"] for r in rows]
     ax1.plot(steps, [r["loss"] for r in rows])
     ax1.set(xlabel="step", ylabel="loss", title="training loss")
-    ax2.plot(steps, [r["acc"] for r in rows])
-    ax2.set(xlabel="step", ylabel="accuracy", title="training accuracy (fused)", ylim=(0, 1))
+    ax2.plot(steps, [r["acc"] for r in rows], label="training (fused)")
+    val = [(r["step"], r["val_top1"]) for r in rows if "val_top1" in r]
+    if val:
+        ax2.plot(*zip(*val, strict=True), marker="o", label="validation top-1")
+        ax2.legend()
+    ax2.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(0, 1))
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return png_path
+
+
+def format_eta(seconds: float) -> str:
+    """Seconds as `8m32s` / `1h02m05s` / `7s`, for the progress line."""
+    s = int(round(max(seconds, 0)))
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def progress_line(step: int, total: int, record: dict, seconds_per_step: float) -> str:
+    """`train step 40/200 loss 1.234 acc 0.41 3.2 s/step eta 8m32s`: what `-q` prints.
+
+    One plain line a parent process can read (the pipeline runner shows them).
+    """
+    eta = format_eta(seconds_per_step * (total - step))
+    return (
+        f"train step {step}/{total} loss {record['loss']:.3f} acc {record['acc']:.2f} "
+        f"{seconds_per_step:.3g} s/step eta {eta}"
+    )
+
+
+def show_warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` of the CLI: `warning: <message>` on one line of stderr."""
+    print(f"warning: {message}", file=file or sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- checkpoint
@@ -305,8 +279,21 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def checkpoint_state(model, optimizer, step: int, pos: dict, cfg: TrainConfig) -> dict:
-    """Everything `--resume` needs, as weights_only-loadable values."""
+def checkpoint_state(
+    model,
+    optimizer,
+    step: int,
+    pos: dict,
+    cfg: TrainConfig,
+    *,
+    classes: list[str] | None = None,
+    best: dict | None = None,
+) -> dict:
+    """Everything `--resume` needs, as weights_only-loadable values.
+
+    `classes` are the class names (index order); `best` the best validation so far
+    ({"step", "val_top1"}) or None.
+    """
     raw = model.module if hasattr(model, "module") else model
     return {
         "model": raw.state_dict(),
@@ -316,16 +303,25 @@ def checkpoint_state(model, optimizer, step: int, pos: dict, cfg: TrainConfig) -
         "sampler": dict(pos),
         "rng": rng_state(),
         "config": to_dict(cfg),
+        "classes": list(classes or []),
+        "best": dict(best) if best else None,
     }
 
 
 def resume_from(path: Path, model, optimizer) -> tuple[int, dict]:
     """Restore model, optimizer and RNG states; return (step, sampler position)."""
+    state = load_resume(path, model, optimizer)
+    return state["step"], state["pos"]
+
+
+def load_resume(path: Path, model, optimizer) -> dict:
+    """Restore model, optimizer and RNG states; {"step", "pos", "best"} of the checkpoint."""
     ckpt = load_checkpoint(path)
     model.load_state_dict(strip_prefixes(ckpt["model"]))
     optimizer.load_state_dict(ckpt["optimizer"])
     set_rng_state(ckpt["rng"])
-    return int(ckpt["step"]), dict(ckpt["sampler"])
+    best = ckpt.get("best")
+    return {"step": int(ckpt["step"]), "pos": dict(ckpt["sampler"]), "best": best or None}
 
 
 @torch.no_grad()
@@ -348,123 +344,263 @@ def recompute_bn_statistics(model, batches, count: int, two_stream: bool, ctx, a
         m.momentum = momentum
 
 
-# --------------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    """Run (or resume) one training phase; return a summary with the final step and metrics.
+# --------------------------------------------------------------------------- the run
+@dataclass
+class Run:
+    """One training run in progress: what the loop reads and updates."""
 
-    Writes `config.json`, `metrics.jsonl`, `checkpoint.pt` and `curves.png` to `cfg.run.out`.
+    cfg: TrainConfig
+    ctx: Context
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    dataset: ClipDataset
+    loader: DataLoader
+    loader_kw: dict
+    classes: list[str]
+    accum: int  # micro-batches per SGD step on this rank
+    total: int  # last step of this run
+    step: int = 0
+    pos: dict = field(default_factory=lambda: {"epoch": 0, "offset": 0})  # sampler position
+    best: dict | None = None  # best validation so far: {"step", "val_top1"}
+    val_loader: DataLoader | None = None  # the test list, centre crops (run.val_every > 0)
+    val_labels: np.ndarray | None = None
+    writer: object = None  # TensorBoard, when installed (rank 0)
+    warned_clipped: bool = False  # the short-video warning is given once per run
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.run.out)
+
+    @property
+    def raw_model(self) -> torch.nn.Module:
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    def state(self) -> dict:
+        """The checkpoint of the run as it stands (`checkpoint_state`)."""
+        return checkpoint_state(
+            self.model, self.optimizer, self.step, self.pos, self.cfg,
+            classes=self.classes, best=self.best,
+        )  # fmt: skip
+
+
+def prepare_out(out: Path, resume: bool, overwrite: bool, ctx: Context) -> None:
+    """Refuse to train over a finished or running run unless told; clear what a fresh run replaces.
+
+    Without `resume`, a folder holding checkpoint.pt needs `overwrite`; a fresh run removes the
+    old metrics, checkpoints, curves and TensorBoard logs so none of them mix with its own.
     """
-    # config -> device / DDP
-    ctx = setup_device(cfg.run.device)
-    out = Path(cfg.run.out)
-    o = cfg.optim
+    ckpt = out / "checkpoint.pt"
+    if resume and overwrite:
+        raise ConfigError("--resume continues a run and --overwrite replaces it: choose one")
+    if resume:
+        if not ckpt.is_file():
+            raise CheckpointError(f"nothing to resume: {str(ckpt)!r} not found")
+        return
+    if ckpt.is_file() and not overwrite:
+        raise ConfigError(
+            f"run folder '{out}' already holds checkpoint.pt: use --resume to continue it or "
+            "a new --out (--overwrite replaces it)"
+        )
+    if ctx.is_main:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "tb", ignore_errors=True)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines after `step`: a resumed run logs those steps again."""
+    if path.is_file():
+        lines = [x for x in path.read_text().splitlines() if x.strip()]
+        keep = [x for x in lines if json.loads(x)["step"] <= step]
+        path.write_text("".join(f"{x}\n" for x in keep))
+
+
+def start_run(cfg: TrainConfig, ctx: Context, resume: bool, overwrite: bool) -> Run:
+    """Data, resolved config, model, optimizer and (on resume) the saved state of a run."""
+    out, o = Path(cfg.run.out), cfg.optim
+    prepare_out(out, resume, overwrite, ctx)
     if o.batch_size % (o.micro_batch * ctx.world_size):
         raise ConfigError("optim.batch_size must be a multiple of micro_batch x world size")
-    accum = o.batch_size // (o.micro_batch * ctx.world_size)
-    total = sum(o.iterations) if cfg.run.max_steps <= 0 else cfg.run.max_steps
+    reader = open_data(cfg.data.root)
+    classes, notes = resolve_run(cfg, reader, out / "checkpoint.pt" if resume else None)
     torch.manual_seed(cfg.run.seed)
-    cuda = ctx.device.type == "cuda"
-
-    # data
-    dataset, sampler, loader_kw = build_loader(cfg, ctx)
-
-    # model
+    dataset, _, loader_kw = build_loader(cfg, ctx, reader)
     model = build_model(cfg)
-    two_stream = is_two_stream(cfg.model.name)
-    notes = [] if resume else initialise(model, cfg)
+    notes += [] if resume else initialise(model, cfg)
     model.to(ctx.device)
-    if cuda:
+    if ctx.device.type == "cuda":
         to_channels_last(model)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=o.lrs[0], momentum=o.momentum, weight_decay=o.weight_decay
     )
-    step, pos = 0, {"epoch": 0, "offset": 0}
-    ckpt_path = out / "checkpoint.pt"
+    total = sum(o.iterations) if cfg.run.max_steps <= 0 else cfg.run.max_steps
+    accum = o.batch_size // (o.micro_batch * ctx.world_size)
+    run = Run(cfg, ctx, model, optimizer, dataset, make_loader(dataset, loader_kw), loader_kw,
+              classes, accum, total)  # fmt: skip
     if resume:
-        if not ckpt_path.is_file():
-            raise CheckpointError(f"nothing to resume: {str(ckpt_path)!r} not found")
-        step, pos = resume_from(ckpt_path, model, optimizer)
+        state = load_resume(out / "checkpoint.pt", model, optimizer)
+        run.step, run.pos, run.best = state["step"], state["pos"], state["best"]
     if cfg.run.sync_bn and ctx.world_size > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        run.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(run.model)
     if ctx.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.local_rank] if cuda else None
+        run.model = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None
         )
-    writer = None
+    if cfg.run.val_every and ctx.is_main:
+        items = split_items(cfg, "test")
+        run.val_loader = test_loader(cfg, reader, items, protocol="center",
+                                     num_workers=cfg.data.num_workers, persistent=True)  # fmt: skip
+        run.val_labels = np.array([label for _, label in items], dtype=np.int64)
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
-        writer = tensorboard_writer(out)
-        for line in notes:
-            print(line)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+        open_run_folder(run, notes, resume)
+    return run
 
-    # loop
+
+def open_run_folder(run: Run, notes: list[str], resume: bool) -> None:
+    """Rank 0: config.json (resolved config and class names), TensorBoard, the init notes."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    info = {**to_dict(run.cfg), "classes": run.classes}
+    (run.out / "config.json").write_text(json.dumps(info, indent=1) + "\n")
+    if resume:
+        truncate_metrics(run.out / "metrics.jsonl", run.step)
+    run.writer = tensorboard_writer(run.out)
+    for line in notes:
+        print(line)
+
+
+def warn_clipped(run: Run, batch: dict) -> None:
+    """Warn once per run (per process) when a video was too short for its drawn stride tau."""
+    if not run.warned_clipped:
+        message = clipped_stride_message(batch, run.dataset.items, run.dataset.cfg)
+        if message:
+            warnings.warn(message, ClippedStrideWarning, stacklevel=2)
+            run.warned_clipped = True
+
+
+def train_step(run: Run, stream, autocast) -> dict:
+    """One SGD step over `run.accum` micro-batches; its metrics record."""
+    o, ctx = run.cfg.optim, run.ctx
+    lr = lr_at(run.step, o.lrs, o.iterations)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    two_stream = is_two_stream(run.cfg.model.name)
+    t0, data_s = time.perf_counter(), 0.0
+    stats = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples
+    for micro in range(run.accum):
+        t_data = time.perf_counter()
+        batch = next(stream)
+        data_s += time.perf_counter() - t_data
+        warn_clipped(run, batch)
+        labels = batch["label"].to(ctx.device)
+        sync = micro == run.accum - 1 or ctx.world_size == 1
+        with nullcontext() if sync else run.model.no_sync(), autocast:
+            scores = forward_scores(run.model, batch, two_stream, ctx.device)
+            loss = clip_loss(scores, labels)
+        (loss / run.accum).backward()
+        pred = fused_scores(scores).argmax(1)
+        stats += torch.tensor([loss.item(), (pred == labels).sum().item(), len(labels)])
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    if ctx.world_size > 1:
+        dist.all_reduce(stats)
+    loss_mean = stats[0].item() / (run.accum * ctx.world_size)
+    if not math.isfinite(loss_mean):
+        raise RuntimeError(f"loss is {loss_mean} at step {run.step}; lower optim.lrs")
+    step_s = time.perf_counter() - t0
+    return {
+        "step": run.step,
+        "lr": lr,
+        "loss": loss_mean,
+        "acc": stats[1].item() / stats[2].item(),
+        "samples_per_s": stats[2].item() / step_s,
+        "step_s": step_s,
+        "data_s": data_s,
+        "epoch": run.pos["epoch"],
+    }
+
+
+def validate(run: Run) -> float | None:
+    """Top-1 of the fused video scores on the test list (centre protocol) on rank 0, else None.
+
+    The scoring is evaluate's (`score_videos`); the model returns to training mode after.
+    """
+    top1 = None
+    if run.ctx.is_main and run.val_loader is not None:
+        streams = score_videos(
+            run.raw_model, run.val_loader, two_stream=is_two_stream(run.cfg.model.name),
+            device=run.ctx.device, flips=False,
+        )  # fmt: skip
+        fused = fuse({k: torch.from_numpy(v) for k, v in streams.items()}).numpy()
+        top1 = topk_accuracy(fused, run.val_labels, 1)
+    if run.ctx.world_size > 1:
+        dist.barrier()
+    return top1
+
+
+def after_step(run: Run, record: dict, clock: tuple[float, int], autocast) -> None:
+    """End of a step: precise BN (last step), validation and best.pt, logs, checkpoint.pt."""
+    cfg, step, main = run.cfg, run.step, run.ctx.is_main
+    last = step == run.total
+    if last and cfg.run.precise_bn > 0:
+        batches = micro_batches(run.dataset, run.loader.sampler, run.loader_kw, dict(run.pos),
+                                loader=run.loader)  # fmt: skip
+        two_stream = is_two_stream(cfg.model.name)
+        recompute_bn_statistics(run.model, batches, cfg.run.precise_bn, two_stream, run.ctx,
+                                autocast)  # fmt: skip
+        batches.close()
+    val_due = cfg.run.val_every > 0 and (step % cfg.run.val_every == 0 or last)
+    top1 = validate(run) if val_due else None
+    if top1 is not None:
+        record["val_top1"] = top1
+        if run.best is None or top1 > run.best["val_top1"]:  # a tie keeps the earlier step
+            run.best = {"step": step, "val_top1": top1}
+            save_checkpoint(run.out / "best.pt", run.state())
+    log_due = step % cfg.run.log_every == 0 or last
+    if main and (log_due or top1 is not None):
+        log_metrics(run.out, record, run.writer)
+    if main and log_due and not cfg.run.progress:
+        per_step = (time.perf_counter() - clock[0]) / max(step - clock[1], 1)
+        print(progress_line(step, run.total, record, per_step), file=sys.stderr, flush=True)
+    if step % cfg.run.ckpt_every == 0 or last:
+        if main:
+            save_checkpoint(run.out / "checkpoint.pt", run.state())
+        if run.ctx.world_size > 1:
+            dist.barrier()
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run (or resume) one training phase; return a summary with the final step and metrics.
+
+    Writes `config.json`, `metrics.jsonl`, `checkpoint.pt`, `best.pt` (with `run.val_every`)
+    and `curves.png` to `cfg.run.out`. `cfg` is copied, then resolved from the data and init
+    checkpoints (`strnet.resolve`); a folder holding checkpoint.pt needs `resume` or `overwrite`.
+    """
+    cfg = copy.deepcopy(cfg)
+    ctx = setup_device(cfg.run.device)
+    run = start_run(cfg, ctx, resume, overwrite)
+    autocast = autocast_for(ctx.device)
     from tqdm import tqdm
 
-    bar = tqdm(
-        total=total, initial=step, disable=not (ctx.is_main and cfg.run.progress), desc="train"
-    )
-    stream = micro_batches(dataset, sampler, loader_kw, pos)
-    last: dict = {}
-    model.train()
-    while step < total:
-        lr = lr_at(step, o.lrs, o.iterations)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t0, data_s = time.perf_counter(), 0.0
-        stats = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples
-        for micro in range(accum):
-            t_data = time.perf_counter()
-            batch = next(stream)
-            data_s += time.perf_counter() - t_data
-            labels = batch["label"].to(ctx.device)
-            sync = micro == accum - 1 or ctx.world_size == 1
-            with nullcontext() if sync else model.no_sync(), autocast:
-                scores = forward_scores(model, batch, two_stream, ctx.device)
-                loss = clip_loss(scores, labels)
-            (loss / accum).backward()
-            pred = fused_scores(scores).argmax(1)
-            stats += torch.tensor([loss.item(), (pred == labels).sum().item(), len(labels)])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+    show = ctx.is_main and cfg.run.progress
+    bar = tqdm(total=run.total, initial=run.step, disable=not show, desc="train")
+    stream = micro_batches(run.dataset, run.loader.sampler, run.loader_kw, run.pos,
+                           loader=run.loader)  # fmt: skip
+    clock, last = (time.perf_counter(), run.step), {}
+    run.model.train()
+    while run.step < run.total:
+        last = train_step(run, stream, autocast)
         bar.update(1)
-        if ctx.world_size > 1:
-            dist.all_reduce(stats)
-        loss_mean = stats[0].item() / (accum * ctx.world_size)
-        if not math.isfinite(loss_mean):
-            raise RuntimeError(f"loss is {loss_mean} at step {step}; lower optim.lrs")
-        step_s = time.perf_counter() - t0
-        last = {
-            "step": step,
-            "lr": lr,
-            "loss": loss_mean,
-            "acc": stats[1].item() / stats[2].item(),
-            "samples_per_s": stats[2].item() / step_s,
-            "step_s": step_s,
-            "data_s": data_s,
-            "epoch": pos["epoch"],
-        }
-        bar.set_postfix(loss=f"{loss_mean:.3f}", acc=f"{last['acc']:.2f}")
-        if ctx.is_main and (step % cfg.run.log_every == 0 or step == total):
-            log_metrics(out, last, writer)
-        if step == total and cfg.run.precise_bn > 0:
-            batches = micro_batches(dataset, sampler, loader_kw, dict(pos))
-            recompute_bn_statistics(model, batches, cfg.run.precise_bn, two_stream, ctx, autocast)
-        if step % cfg.run.ckpt_every == 0 or step == total:
-            if ctx.is_main:
-                save_checkpoint(ckpt_path, checkpoint_state(model, optimizer, step, pos, cfg))
-            if ctx.world_size > 1:
-                dist.barrier()
+        bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['acc']:.2f}")
+        after_step(run, last, clock, autocast)
     bar.close()
-
-    # wrap up
+    stream.close()
     if ctx.is_main:
-        plot_curves(out / "metrics.jsonl", out / "curves.png")
-        if writer is not None:
-            writer.close()
-    return {"step": step, "out": str(out), "weights_digest": weights_digest(model), **last}
+        plot_curves(run.out / "metrics.jsonl", run.out / "curves.png")
+        if run.writer is not None:
+            run.writer.close()
+    summary = {"step": run.step, "out": str(run.out), "weights_digest": weights_digest(run.model)}
+    return {**summary, "classes": run.classes, "best": run.best, **last}
 
 
 # --------------------------------------------------------------------------- CLI
@@ -479,21 +615,35 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
 )
 @click.option("--resume", is_flag=True, help="Continue exactly from OUT/checkpoint.pt.")
 @click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a run folder that already holds checkpoint.pt (its metrics, checkpoints and "
+    "curves are deleted first).",
+)
+@click.option(
     "--out",
     "out",
     type=click.Path(file_okay=False),
     default=None,
     help="Run folder (overrides run.out).",
 )
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def train_command(config: str, overrides: tuple, resume: bool, out: str | None, quiet: bool):
+@click.option(
+    "-q", "--quiet", is_flag=True, help="No progress bar: one plain line per run.log_every steps."
+)
+def train_command(
+    config: str, overrides: tuple, resume: bool, overwrite: bool, out: str | None, quiet: bool
+):
     """Train one phase: CONFIG is a TOML file or a shipped phase (motion, appearance,
     st-resnet, st-resnet-star). Under torchrun every rank runs this command."""
+    if resume and overwrite:
+        raise click.UsageError("--resume continues a run and --overwrite replaces it: choose one")
     extra = list(overrides) + ([f"run.out={json.dumps(out)}"] if out else [])
     extra += ["run.progress=false"] if quiet else []
     try:
         cfg = load_config(config, extra)
-        summary = train(cfg, resume=resume)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning_line
+            summary = train(cfg, resume=resume, overwrite=overwrite)
     except (ConfigError, CheckpointError, WeightsError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyError as exc:

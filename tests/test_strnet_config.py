@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from strnet.config import ConfigError, config_from_dict, load_config, parse_override, to_dict
+from strnet.config import (
+    ConfigError,
+    TrainConfig,
+    config_from_dict,
+    is_set,
+    load_config,
+    parse_override,
+    to_dict,
+)
 
 # Table 2: SGD batch, BN batch, (lr, iterations), chunks, tau range
 TABLE_2 = {
@@ -62,6 +70,9 @@ def test_overrides_are_typed():
         ("optim.micro_batch=48", "optim.batch_size must be a multiple of micro_batch"),
         ("optim.lrs=[0.1]", "optim.lrs and optim.iterations need equal length"),
         ("data.crop=random", "bad data.crop 'random'"),
+        ("model.num_classes=-1", "model.num_classes must be >= 0 (0 = from the data)"),
+        ("model.width=-8", "model.width must be >= 0 (0 = from init or 64)"),
+        ("run.val_every=-1", "run.val_every must be >= 0 (0 = off)"),
     ],
 )
 def test_bad_values_fail_with_one_line(override, message):
@@ -89,3 +100,16 @@ def test_unknown_keys_and_files_fail(tmp_path):
 def test_resolved_config_round_trips():
     cfg = load_config("st-resnet-star", ["run.seed=5"])
     assert config_from_dict(to_dict(cfg)) == cfg
+
+
+def test_unset_fields_are_left_to_the_data_and_init_checkpoints():
+    cfg = load_config("st-resnet", ["data.flow_stack=10"])
+    assert cfg.model.num_classes == 0 and cfg.model.width == 0 and cfg.run.val_every == 0
+    assert is_set(cfg, "data.flow_stack")
+    assert not is_set(load_config("st-resnet"), "data.flow_stack")
+    built = TrainConfig()  # built in Python: set means "not the default"
+    assert not is_set(built, "data.flow_stack")
+    built.data.flow_stack = 3
+    assert is_set(built, "data.flow_stack")
+    # a run's config.json holds the class names beside the settings
+    assert config_from_dict({**to_dict(cfg), "classes": ["a", "b"]}) == cfg

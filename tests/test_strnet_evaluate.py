@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 from contextlib import nullcontext
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torch
 from click.testing import CliRunner
 from test_strnet_train import tiny, write_clip_folder
 
+from strnet.config import ConfigError
 from strnet.data import hflip_normalized_flow
 from strnet.evaluate import (
     eval_command,
@@ -21,6 +24,7 @@ from strnet.evaluate import (
     video_scores,
     video_views,
 )
+from strnet.scores import load_scores, save_scores
 from strnet.train import train
 
 
@@ -90,10 +94,11 @@ def test_evaluate_fitted_model(trained, tmp_path, protocol):
     ckpt, clips = trained
     r = evaluate(ckpt, str(clips), 1, protocol=protocol, test_chunks=5, out=tmp_path)
     assert r["num_videos"] == 6 and r["top5"] == 1.0
-    assert r["top1"] == 1.0 and r["per_class"] == [1.0, 1.0]
+    assert r["top1"] == 1.0 and r["per_class"] == {"c0": 1.0, "c1": 1.0}
     assert set(r["streams"]) == {"appearance", "motion"}
-    assert (tmp_path / "confusion_split1.png").stat().st_size > 1000
-    assert json.loads((tmp_path / "eval_split1.json").read_text())["top1"] == 1.0
+    assert r["name"] == "run" and r["classes"] == ["c0", "c1"]  # the run folder's name
+    assert (tmp_path / "run_split1_confusion.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "run_split1.json").read_text())["top1"] == 1.0
 
 
 def test_eval_command_and_its_errors(trained, tmp_path):
@@ -141,3 +146,78 @@ def test_fuse_averages_separately_trained_streams(trained, tmp_path):
     assert r.output.startswith(f"split 1: top-1 {fused['top1']:.4f}")
     r = runner.invoke(eval_command, [*args, "--split", "2", "--fuse"])
     assert r.exit_code == 2 and "--fuse evaluates all CHECKPOINTS together" in r.output
+
+    # saved scores fuse without data or model, exactly as the checkpoints do
+    saved = tmp_path / "eval"
+    for p in paths:
+        evaluate(p, str(clips), 1, protocol="center", test_chunks=3, out=saved)
+    fused = evaluate(paths, str(clips), 1, protocol="center", test_chunks=3, out=saved)
+    assert fused["name"] == "appearance+motion"
+    npz = [str(saved / f"{k}_split1_scores.npz") for k in ("appearance", "motion")]
+    r = runner.invoke(eval_command, [*npz, "--fuse", "--split", "1", "--out",
+                                     str(tmp_path / "f"), "--name", "two-stream"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    again = json.loads((tmp_path / "f" / "two-stream_split1.json").read_text())
+    assert again["top1"] == fused["top1"] and again["per_class"] == fused["per_class"]
+    assert again["confusion"] == fused["confusion"] and again["streams"] == fused["streams"]
+    a = load_scores(saved / "appearance+motion_split1_scores.npz")
+    b = load_scores(tmp_path / "f" / "two-stream_split1_scores.npz")
+    np.testing.assert_allclose(a.fused(), b.fused(), rtol=1e-6, atol=1e-6)
+    # streams of the same name stay apart, prefixed by their input's name
+    evaluate(trained[0], str(clips), 1, protocol="center", test_chunks=3, out=saved)
+    both = evaluate([saved / "run_split1_scores.npz", npz[0]], None, 1)
+    assert set(both["streams"]) == {"run.appearance", "appearance.appearance", "motion"}
+    # scores of other videos or classes: one line naming the file
+    for field, value in (("video_ids", a.video_ids[::-1]), ("class_names", ["x", "y"])):
+        odd = tmp_path / f"odd_{field}_split1_scores.npz"
+        save_scores(odd, replace(load_scores(npz[1]), **{field: value}))
+        r = runner.invoke(eval_command, [npz[0], str(odd), "--fuse", "--split", "1"])
+        what = field.replace("_", " ")
+        assert r.exit_code == 1 and r.output.strip() == (
+            f"Error: '{odd}': {what} differ from those of '{npz[0]}'"
+        )
+
+
+def test_eval_outputs_are_named_and_scores_load_without_pickles(trained, tmp_path):
+    ckpt, clips = trained
+    r = evaluate(ckpt, str(clips), 1, protocol="center", test_chunks=3, out=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "run_split1.json", "run_split1_confusion.png", "run_split1_scores.npz"]  # fmt: skip
+    with np.load(tmp_path / "run_split1_scores.npz", allow_pickle=False) as z:
+        assert set(z.files) == {"video_ids", "labels", "class_names", "protocol",
+                                "scores_appearance", "scores_motion"}  # fmt: skip
+        ids = [line.split()[0] for line in (clips / "test_split1.txt").read_text().splitlines()]
+        assert z["video_ids"].dtype.kind == "U" and z["video_ids"].tolist() == ids
+        assert z["labels"].dtype == np.int64 and z["labels"].tolist() == [0, 0, 0, 1, 1, 1]
+        assert z["class_names"].tolist() == ["c0", "c1"] and str(z["protocol"]) == "center"
+        a, m = z["scores_appearance"], z["scores_motion"]
+        assert a.dtype == m.dtype == np.float32 and a.shape == m.shape == (6, 2)
+        assert r["top1"] == topk_accuracy((a + m) / 2, z["labels"], 1)
+    saved = json.loads((tmp_path / "run_split1.json").read_text())
+    assert saved["per_class"] == r["per_class"] and set(saved["per_class"]) == {"c0", "c1"}
+    other = tmp_path / "run" / "best.pt"  # another checkpoint of the run: its own name
+    other.parent.mkdir()
+    shutil.copy(ckpt, other)
+    old = torch.load(ckpt, weights_only=True)  # from before checkpoints held class names
+    del old["classes"]
+    torch.save(old, tmp_path / "old.pt")
+    r = evaluate(tmp_path / "old.pt", str(clips), 1, protocol="center", test_chunks=2)
+    assert r["classes"] == ["c0", "c1"]  # from the videos' metadata
+    runner = CliRunner()
+    r = runner.invoke(eval_command, [str(other), "--split", "1", "--data", str(clips), "--out",
+                                     str(tmp_path), "--protocol", "center", "--test-chunks", "2"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run-best_split1_scores.npz").is_file()
+    r = runner.invoke(eval_command, [str(ckpt), "--split", "1", "--data", str(clips),
+                                     "--name", ".hidden"])  # fmt: skip
+    assert r.exit_code == 1 and r.output.strip() == (
+        "Error: --name '.hidden' is not a safe file name: use letters, digits and ._+- "
+        "(not starting with .)"
+    )
+    with pytest.raises(ConfigError, match=r"^--name 'a/b' is not a safe file name"):
+        evaluate(ckpt, str(clips), 1, name="a/b")
+    r = runner.invoke(eval_command, [str(ckpt), "--split", "1"])
+    assert r.exit_code == 2 and "--data is needed to evaluate checkpoints" in r.output
+    r = runner.invoke(eval_command, [str(ckpt), str(other), "--split", "1", "--split", "1",
+                                     "--data", str(clips), "--out", str(tmp_path), "--name", "x"])
+    assert r.exit_code == 2 and "would both write x_split1.json" in r.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,17 @@ from click.testing import CliRunner
 
 from flowprep.shards import pack, read_index
 from strnet.checkpoint import load_checkpoint
-from strnet.config import ConfigError, load_config
-from strnet.train import build_model, initialise, lr_at, train, train_command
+from strnet.config import ConfigError, load_config, to_dict
+from strnet.resolve import resolve_run
+from strnet.runtime import open_data
+from strnet.train import (
+    build_model,
+    initialise,
+    lr_at,
+    train,
+    train_command,
+    truncate_metrics,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,12 +109,16 @@ def test_tiny_st_resnet_overfits_through_the_reader(clips, tmp_path):
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["step"] == 25 and ckpt["config"]["data"]["num_chunks"] == 2
     assert set(ckpt) >= {"model", "optimizer", "rng", "sampler", "schedule", "config"}
+    assert ckpt["classes"] == summary["classes"] == ["c0", "c1"]  # from the shards' metadata
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["classes"] == ["c0", "c1"]
 
 
-def test_resume_is_exact(clips, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_exact(clips, tmp_path, workers):
+    """Also with persistent DataLoader workers: the epoch reaches them with every index."""
     base = [
         "optim.batch_size=4", "optim.micro_batch=2", "optim.lrs=[0.05,0.01]",
-        "optim.iterations=[3,10]", "run.ckpt_every=100",
+        "optim.iterations=[3,10]", "run.ckpt_every=100", f"data.num_workers={workers}",
     ]  # fmt: skip
     full = train(tiny(clips, tmp_path / "full", *base, "run.max_steps=5", config="motion"))
     part = train(tiny(clips, tmp_path / "part", *base, "run.max_steps=2", config="motion"))
@@ -257,3 +271,138 @@ def test_phases_initialise_from_previous_checkpoints(clips, tmp_path):
             else:
                 assert torch.equal(got, v), (stream, k)
     assert sum(v.ndim == 5 for v in target.values()) == 16
+
+
+def unset(clips: Path, out: Path, *extra: str, config: str = "st-resnet"):
+    """Like `tiny` but leaving width, num_classes and flow_stack to the data and checkpoints."""
+    sets = [
+        f"data.root={json.dumps(str(clips))}", f"run.out={json.dumps(str(out))}",
+        "data.num_workers=0", "data.crop_size=32", "model.bn_sub_batch=0", "model.init=''",
+        "model.init_appearance=''", "model.init_motion=''", "run.progress=false",
+    ]  # fmt: skip
+    return load_config(config, sets + list(extra))
+
+
+def fake_checkpoint(path: Path, cfg) -> Path:
+    """A strnet training checkpoint of `cfg` (resolved: width, classes, flow stack set)."""
+    torch.save({"config": to_dict(cfg), "model": build_model(cfg).state_dict()}, path)
+    return path
+
+
+def test_classes_come_from_both_lists_and_the_metadata(clips, tmp_path):
+    cfg = unset(clips, tmp_path / "r", config="motion")
+    assert cfg.model.num_classes == 0 and cfg.model.width == 0  # defaults: from data / init
+    classes, notes = resolve_run(cfg, open_data(str(clips)))
+    assert classes == ["c0", "c1"] and cfg.model.num_classes == 2 and cfg.model.width == 64
+    # a label only in the test list counts; its video's metadata names another label: "2"
+    test_list = tmp_path / "test.txt"
+    test_list.write_text("c0/v_c0_g00 10 0\nc1/v_c1_g00 10 2\n")
+    cfg = unset(clips, tmp_path / "r", f"data.test_list={json.dumps(str(test_list))}")
+    assert resolve_run(cfg, open_data(str(clips)))[0] == ["c0", "c1", "2"]
+    r = CliRunner().invoke(train_command, ["motion", "--set", f"data.root={json.dumps(str(clips))}",
+                                           "--set", "model.num_classes=5"])  # fmt: skip
+    assert r.exit_code == 1
+    assert r.output.strip() == (
+        "Error: model.num_classes is 5 but the data has 2 classes "
+        f"(labels 0-1 in {clips / 'train_split1.txt'})"
+    )
+
+
+def test_architecture_is_inherited_from_strnet_init_checkpoints(clips, tmp_path):
+    rgb = fake_checkpoint(tmp_path / "rgb.pt", tiny(clips, tmp_path / "a", config="appearance"))
+    flow = fake_checkpoint(tmp_path / "flow.pt", tiny(clips, tmp_path / "m", config="motion"))
+    inits = [f"model.init_appearance={json.dumps(str(rgb))}",
+             f"model.init_motion={json.dumps(str(flow))}"]  # fmt: skip
+    cfg = unset(clips, tmp_path / "st", *inits)
+    resolve_run(cfg, open_data(str(clips)))
+    assert (cfg.model.width, cfg.data.flow_stack, cfg.model.num_classes) == (8, 3, 2)
+    assert initialise(build_model(cfg), cfg)[0].endswith("0 mismatched")
+    for extra, line in [
+        ("model.width=16", f"model.width is 16 but '{rgb}' (model.init_appearance) has 8"),
+        ("data.flow_stack=10", f"data.flow_stack is 10 but '{flow}' (model.init_motion) has 3"),
+    ]:
+        with pytest.raises(ConfigError) as exc:
+            resolve_run(unset(clips, tmp_path / "st", *inits, extra), open_data(str(clips)))
+        assert str(exc.value) == line
+    # another dataset's checkpoint (3 classes): a new classifier only when asked for
+    three = tiny(clips, tmp_path / "m3", "model.num_classes=3", config="motion")
+    other = fake_checkpoint(tmp_path / "three.pt", three)
+    init = f"model.init={json.dumps(str(other))}"
+    with pytest.raises(ConfigError) as exc:
+        resolve_run(unset(clips, tmp_path / "x", init, config="motion"), open_data(str(clips)))
+    assert str(exc.value) == (
+        f"model.num_classes: the data has 2 classes but '{other}' (model.init) has 3; "
+        "set model.num_classes=2 for a new head"
+    )
+    cfg = unset(clips, tmp_path / "x", init, "model.num_classes=2", config="motion")
+    _, notes = resolve_run(cfg, open_data(str(clips)))
+    assert notes == [f"'{other}' (model.init): 3 classes, the data 2: new classifier"]
+    assert initialise(build_model(cfg), cfg)[0].endswith("2 mismatched")  # fc.weight, fc.bias
+
+
+def test_validation_keeps_the_best_checkpoint_through_a_resume(clips, tmp_path):
+    base = [
+        "optim.batch_size=2", "optim.micro_batch=2", "optim.lrs=[0.05]", "optim.iterations=[5]",
+        "run.val_every=2", "data.test_chunks=2",
+    ]  # fmt: skip
+    full = train(tiny(clips, tmp_path / "full", *base, config="motion"))
+    rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    vals = [(r["step"], r["val_top1"]) for r in rows if "val_top1" in r]
+    assert [s for s, _ in vals] == [2, 4, 5]  # every 2 steps and at the end
+    top = max(v for _, v in vals)
+    assert full["best"] == {"step": next(s for s, v in vals if v == top), "val_top1": top}
+    best = load_checkpoint(tmp_path / "full" / "best.pt")
+    assert best["step"] == full["best"]["step"] and best["best"] == full["best"]
+    assert load_checkpoint(tmp_path / "full" / "checkpoint.pt")["best"] == full["best"]
+    train(tiny(clips, tmp_path / "part", *base, "run.max_steps=4", config="motion"))
+    resumed = train(tiny(clips, tmp_path / "part", *base, config="motion"), resume=True)
+    assert resumed["best"] == full["best"]
+    assert resumed["weights_digest"] == full["weights_digest"]
+    again = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [1, 2, 3, 4, 5]  # no step logged twice
+    assert [(r["step"], r["val_top1"]) for r in again if "val_top1" in r] == vals
+    log = tmp_path / "killed.jsonl"  # a run killed at step 5 after its checkpoint at step 3
+    log.write_text("".join(json.dumps({"step": n}) + "\n" for n in range(1, 6)))
+    truncate_metrics(log, 3)
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_quiet_progress_lines_short_video_warning_and_overwrite(clips, tmp_path):
+    out = tmp_path / "q"
+    sets = [
+        f"data.root={json.dumps(str(clips))}", "data.num_workers=0", "data.crop_size=32",
+        "data.flow_stack=3", "model.width=8", "model.bn_sub_batch=0", "model.init=''",
+        "optim.batch_size=2", "optim.micro_batch=2", "optim.lrs=[0.01]", "optim.iterations=[4]",
+        "run.log_every=2", "data.num_chunks=4", "data.tau_min=2", "data.tau_max=3",
+    ]  # fmt: skip
+    args = ["motion", "-q", "--out", str(out)] + [x for s in sets for x in ("--set", s)]
+    runner = CliRunner()
+    r = runner.invoke(train_command, args)
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    # 9 flows, stacks of 3: 7 positions; 4 chunks need 1 + 3 * tau of them
+    warned = [x for x in lines if x.startswith("warning: ")]
+    assert len(warned) == 1 and re.fullmatch(
+        r"warning: video 'c\d/v_c\d_g\d\d' has 7 chunk positions, too few for 4 chunks at "
+        r"stride tau 2-3: tau reduced or positions padded for such videos \(warned once per run\)",
+        warned[0],
+    ), warned
+    progress = [x for x in lines if x.startswith("train step")]
+    assert len(progress) == 2 and all(
+        re.fullmatch(rf"train step {n}/4 loss \d+\.\d{{3}} acc [01]\.\d\d \S+ s/step eta \d+s", x)
+        for n, x in zip((2, 4), progress, strict=True)
+    ), progress
+    r = runner.invoke(train_command, args)
+    assert r.exit_code == 1
+    assert r.output.strip() == (
+        f"Error: run folder '{out}' already holds checkpoint.pt: use --resume to continue it or "
+        "a new --out (--overwrite replaces it)"
+    )
+    (out / "best.pt").write_bytes(b"old")
+    r = runner.invoke(train_command, [*args, "--overwrite", "--set", "optim.iterations=[2]"])
+    assert r.exit_code == 0, r.output
+    assert not (out / "best.pt").exists()  # the old run's files are gone
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2]
+    r = runner.invoke(train_command, [*args, "--overwrite", "--resume"])
+    assert r.exit_code == 2 and "--resume continues a run and --overwrite replaces it" in r.output
