@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from strnet.checkpoint import (
     CheckpointError,
@@ -102,15 +102,42 @@ def build_loader(
     return dataset, sampler, loader_kw
 
 
-def make_loader(dataset: ClipDataset, loader_kw: dict) -> DataLoader:
-    """The one DataLoader of a run: its workers persist across epochs (no restart stalls).
+class EpochStream(Sampler):
+    """Endless `(epoch, index)` pairs: each epoch's order of this rank, cut to whole micro-batches.
 
-    Its own generator keeps worker seeding off the global RNG.
+    The orders are `ResumableSampler`'s (a function of seed and epoch), so the micro-batches are
+    those of one DataLoader per epoch with `drop_last`; but one iterator runs across epochs, so
+    workers keep prefetching over epoch boundaries. Iteration starts at `start` ({"epoch",
+    "offset"}), set by `micro_batches` from the run's position.
     """
-    persistent = loader_kw.get("num_workers", 0) > 0
-    return DataLoader(
-        dataset, persistent_workers=persistent, generator=torch.Generator(), **loader_kw
-    )
+
+    def __init__(self, sampler: ResumableSampler, micro_batch: int) -> None:
+        self.sampler, self.micro_batch = sampler, micro_batch
+        self.start = {"epoch": 0, "offset": 0}
+
+    def per_epoch(self) -> int:
+        """Samples of this rank used per epoch (whole micro-batches only)."""
+        return self.sampler.num_samples // self.micro_batch * self.micro_batch
+
+    def __iter__(self):
+        epoch, offset = self.start["epoch"], self.start["offset"]
+        while True:
+            self.sampler.set_epoch(epoch)
+            self.sampler.start = offset
+            yield from list(self.sampler)[: self.per_epoch() - offset]
+            epoch, offset = epoch + 1, 0
+
+
+def make_loader(dataset: ClipDataset, loader_kw: dict) -> DataLoader:
+    """The one DataLoader of a run over an `EpochStream` of `loader_kw`'s sampler.
+
+    Workers persist (`persistent_workers`) and prefetch across epochs, so epoch boundaries cost
+    no restart; the loader's own generator keeps worker seeding off the global RNG.
+    """
+    kw = dict(loader_kw)
+    stream = EpochStream(kw.pop("sampler"), kw["batch_size"])
+    kw.update(drop_last=False, persistent_workers=kw.get("num_workers", 0) > 0)
+    return DataLoader(dataset, sampler=stream, generator=torch.Generator(), **kw)
 
 
 def micro_batches(
@@ -124,22 +151,22 @@ def micro_batches(
     """Endless micro-batches; `pos` ({"epoch", "offset"}) is updated as batches are consumed.
 
     `offset` counts this rank's samples already used in `epoch`, so a checkpoint of `pos`
-    restarts the stream at the same sample. `loader` (from `make_loader`, built once per run)
-    is iterated once per epoch; without it one is made here.
+    restarts the stream at the same sample. `loader` comes from `make_loader` (built once per
+    run); without it one is made here from `dataset` and `loader_kw` (whose sampler is `sampler`).
     """
     loader = loader if loader is not None else make_loader(dataset, loader_kw)
-    while True:
-        dataset.set_epoch(pos["epoch"])
-        sampler.set_epoch(pos["epoch"])
-        sampler.start = pos["offset"]
-        got = False
-        for batch in loader:
-            got = True
-            pos["offset"] += len(batch["label"])
-            yield batch
-        if not got and pos["offset"] == 0:
-            raise ConfigError("training list is smaller than one micro-batch per rank")
+    stream: EpochStream = loader.sampler
+    usable = stream.per_epoch()
+    if usable == 0:
+        raise ConfigError("training list is smaller than one micro-batch per rank")
+    if pos["offset"] >= usable:  # stopped right after an epoch's last micro-batch
         pos["epoch"], pos["offset"] = pos["epoch"] + 1, 0
+    stream.start = dict(pos)
+    for batch in loader:
+        pos["offset"] += len(batch["label"])
+        if pos["offset"] >= usable:
+            pos["epoch"], pos["offset"] = pos["epoch"] + 1, 0
+        yield batch
 
 
 # --------------------------------------------------------------------------- model
