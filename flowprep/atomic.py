@@ -1,27 +1,62 @@
 """Atomic file writes: a temporary name in the same folder, fsync, then rename.
 
 A reader (or a rerun after a kill) sees the old file or the new one, never half of one.
-Also the flock helpers that let one run own an output folder at a time.
+Also the flock helpers that let one run own an output folder at a time, and an atomic exchange
+of two paths (renameat2) for replacing a finished folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import fcntl
+import functools
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
+def temp_name(path: Path) -> Path:
+    """The temporary name `write_bytes_atomic` writes `path` under: .<name>.tmp beside it."""
+    return Path(path).with_name(f".{Path(path).name}.tmp")
+
+
+def open_new(path: Path, mode: int = 0o644) -> int:
+    """A write fd on a file created fresh at `path`, never through a symlink planted there.
+
+    A stale file or symlink at `path` (a killed writer, or someone else's plant) is unlinked
+    first, which removes the link and not its target; O_CREAT | O_EXCL | O_NOFOLLOW then fails
+    rather than follow anything that appears at `path` in between.
+    """
+    for _ in range(3):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        except FileExistsError:
+            continue  # recreated between unlink and open: unlink it again
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically."""
+    """Replace `path` with `data` atomically; the temporary file never follows a symlink."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = temp_name(path)
+    try:
+        with os.fdopen(open_new(tmp), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # a full disk or a kill signal leaves no temporary behind
+        raise  # rename replaces a symlink at `path` itself, never its target
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -41,10 +76,11 @@ def lock_exclusive(path: Path, wait_s: float = 0.0) -> int | None:
     so the lock is released as soon as this process closes it or dies, even by kill -9. The
     holder deletes the file as it lets go (`release_lock`); whoever then gets the lock on the
     deleted file notices and locks the new one instead.
+    A symlink at `path` is not followed (OSError ELOOP), so no file is created through it.
     """
     deadline = time.monotonic() + wait_s
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -94,3 +130,36 @@ def is_locked(path: Path) -> bool:
     finally:
         os.close(fd)  # also drops the shared lock, when we got it
     return False
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2() -> Callable[..., int] | None:
+    try:
+        func = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc >= 2.28 (musl, macOS): no exchange
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap what `a` and `b` name in one atomic step; False where the system cannot.
+
+    Linux renameat2(RENAME_EXCHANGE): a crash leaves either both old names or both new ones.
+    Old kernels, NFS and other filesystems without it give False, and the caller falls back.
+    """
+    func = _renameat2()
+    if func is None:
+        return False
+    if func(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _UNSUPPORTED:
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
