@@ -19,7 +19,7 @@ from flowprep import __version__
 from flowprep.extract import (
     MODALITIES,
     ExtractSettings,
-    OutputBusy,
+    OutputError,
     RuntimeOptions,
     VideoResult,
     run_batch,
@@ -95,7 +95,10 @@ def index_command(video_root: Path, split_dir: Path | None, fmt: str, output: Pa
 def _load_entries(source: Path, video_root: Path | None) -> tuple[list, Path]:
     """Entries and video root from a manifest file or a folder of videos (none: an error)."""
     if source.is_dir():
-        entries = index_folder(source)
+        try:
+            entries = index_folder(source)
+        except ManifestError as exc:
+            raise click.ClickException(str(exc)) from None
         if not entries:
             raise click.ClickException(f"no videos found in {source}")
         return entries, source
@@ -276,8 +279,9 @@ def extract_command(
     its reason in OUT/failures.jsonl and the batch goes on.
 
     Exit status: 0 when every video succeeded, 3 when some failed (or --strict stopped at the
-    first failure), 1 for an unusable SOURCE or an OUT that another run is writing, 2 for bad
-    options.
+    first failure), 1 for an unusable SOURCE (a bad manifest, an unreadable folder, video ids
+    where one is a folder of another) or an OUT that another run is writing or that holds a
+    planted symlink, 2 for bad options.
     """
     entries, root = _load_entries(source, video_root)
     try:
@@ -332,7 +336,7 @@ def extract_command(
             mapper=mapper,
             on_result=report,
         )
-    except (ShardError, OutputBusy) as exc:
+    except (ShardError, OutputError, ManifestError) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         logging.getLogger("flowprep").removeHandler(notes)

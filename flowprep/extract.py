@@ -9,6 +9,11 @@ token to OUT/.partial/.owner. Workers move a video into place only under the flo
 only while it holds their run's token, and a new run replaces the token under that flock; so
 worker processes that outlive a kill -9 of their run never write into OUT once a rerun started
 (they also stop within a fraction of a second when their parent dies).
+
+A finished video that is redone (--force, changed settings) is replaced by an atomic exchange
+of the two folders where the filesystem has one; elsewhere the old folder is moved aside with a
+note naming its video, and a run killed between the two renames gets it back at the next claim.
+OUT/.partial and the files flowprep makes are never followed through a planted symlink.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import threading
 import time
 from collections import deque
@@ -34,6 +40,7 @@ import cv2
 import numpy as np
 
 from flowprep.atomic import (
+    exchange_paths,
     is_locked,
     lock_exclusive,
     release_lock,
@@ -42,7 +49,12 @@ from flowprep.atomic import (
 )
 from flowprep.decode import VideoError, iter_frames, probe
 from flowprep.flow_service import DEVICE_BATCH, FlowService, resolve_devices
-from flowprep.manifest import VideoEntry
+from flowprep.manifest import (
+    VideoEntry,
+    check_id_set,
+    entry_problem,
+    safe_relative_path,
+)
 
 PARTIAL_DIR = ".partial"
 MARKER = ".done"
@@ -50,6 +62,8 @@ META = "meta.json"
 FAILURES = "failures.jsonl"
 LOCK = ".lock"  # OUT/.lock: flock-ed by the run writing OUT while it runs (deleted at its end)
 OWNER = ".owner"  # OUT/.partial/.owner: that run's token; workers commit under its flock
+OLD = ".old"  # OUT/.partial/<staging>.old: a finished folder moved aside while it is replaced
+RESTORE = ".restore"  # OUT/.partial/<staging>.old.restore: {"video_id": ...} of that folder
 LOCK_WAIT_S = 2.0  # how long a run waits for OUT/.lock before reporting OUT busy
 CHECK_EVERY_S = 0.2  # how often a worker checks, between frames, that its run still owns OUT
 LIST_NAME = re.compile(r"all\.txt|(train|test)_split\d+\.txt")  # the annotation lists
@@ -127,8 +141,16 @@ class VideoResult:
     splits: dict[str, str] = field(default_factory=dict)
 
 
-class OutputBusy(RuntimeError):
+class OutputError(RuntimeError):
+    """OUT cannot be written by this run; str() is one line (the CLI exits 1)."""
+
+
+class OutputBusy(OutputError):
     """OUT is being written by another live run; str() is one line."""
+
+
+class UnsafeOutput(OutputError):
+    """A path flowprep manages in OUT is a symlink or not what it should be; never followed."""
 
 
 class Superseded(RuntimeError):
@@ -169,8 +191,8 @@ class Claim:
     def commit(self) -> Iterator[None]:
         """Hold the flock of .owner, and raise Superseded unless this run still owns OUT."""
         try:
-            fd = os.open(self.owner_file, os.O_RDWR)
-        except FileNotFoundError:
+            fd = os.open(self.owner_file, os.O_RDWR | os.O_NOFOLLOW)
+        except (FileNotFoundError, NotADirectoryError):
             raise Superseded("the run that started this video has ended") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -191,7 +213,7 @@ class Claim:
 
 
 def _write_owner(partial: Path, token: str) -> None:
-    fd = os.open(partial / OWNER, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(partial / OWNER, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # waits for a worker's commit in progress
         os.ftruncate(fd, 0)
@@ -204,29 +226,52 @@ def _write_owner(partial: Path, token: str) -> None:
 def claim_output(out_root: Path) -> Iterator[Claim]:
     """Own OUT for a run: lock it, take over from any killed run, clean up staging at the end.
 
-    Raises OutputBusy when another live run holds OUT/.lock for more than LOCK_WAIT_S.
+    Raises OutputBusy when another live run holds OUT/.lock for more than LOCK_WAIT_S, and
+    UnsafeOutput when OUT/.lock or OUT/.partial is a symlink (nothing is followed or deleted
+    through it). Finished videos a killed run had moved aside are put back first.
     """
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
-    lock_fd = lock_exclusive(out_root / LOCK, LOCK_WAIT_S)
+    try:
+        lock_fd = lock_exclusive(out_root / LOCK, LOCK_WAIT_S)
+    except OSError as exc:
+        _refuse_link(out_root / LOCK, "lock")
+        raise UnsafeOutput(f"{out_root / LOCK}: cannot lock it ({exc.strerror})") from None
     if lock_fd is None:
         raise OutputBusy(
             f"{out_root}: another flowprep run is writing here (it holds {LOCK}); "
             "wait for it to finish"
         )
     partial = out_root / PARTIAL_DIR
+    try:
+        own_folder(partial, "stage videos in")
+        owner = partial / OWNER
+        if os.path.lexists(owner) and not stat.S_ISREG(os.lstat(owner).st_mode):
+            owner.unlink()  # not ours: a planted link is removed, never written through
+    except BaseException:
+        release_lock(out_root / LOCK, lock_fd)
+        raise
     claim = Claim(out_root, f"{os.getpid()}-{secrets.token_hex(8)}", os.getpid())
     try:
-        partial.mkdir(exist_ok=True)
         _write_owner(partial, claim.token)  # workers of a killed run can no longer commit
+        restore_replaced(out_root)
         for child in partial.iterdir():  # leftovers of killed runs
             if child.name != OWNER:
                 _remove(child)
         yield claim
     finally:
         claim.revoke()
-        shutil.rmtree(partial, ignore_errors=True)
+        restore_replaced(out_root)  # a replacement that failed between its renames
+        shutil.rmtree(partial, ignore_errors=True)  # rmtree never follows a symlink
         release_lock(out_root / LOCK, lock_fd)
+
+
+def _refuse_link(path: Path, role: str) -> None:
+    """Raise UnsafeOutput when `path` is a symlink: flowprep follows no link it did not make."""
+    if os.path.islink(path):
+        raise UnsafeOutput(
+            f"{path} is a symlink; flowprep will not follow it to {role} (remove it and rerun)"
+        )
 
 
 def _remove(path: Path) -> None:
@@ -234,6 +279,46 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def own_folder(path: Path, role: str) -> None:
+    """Create `path` as a real folder, or check that it is one (never a symlink to elsewhere).
+
+    `role` says what the folder is for, in the UnsafeOutput message.
+    """
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        pass
+    _refuse_link(path, role)
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        raise UnsafeOutput(f"{path} is not a folder; flowprep needs it to {role}")
+
+
+def restore_replaced(out_root: Path) -> list[str]:
+    """Put back finished folders a replacement moved aside but did not replace; their ids.
+
+    `_swap_into_place` without an atomic exchange renames OUT/<id> to .partial/<x>.old (with a
+    note <x>.old.restore naming <id>), then the new folder to OUT/<id>. Killed in between,
+    OUT/<id> is missing and the old copy is the only one: it goes back before .partial is wiped.
+    """
+    partial, restored = Path(out_root) / PARTIAL_DIR, []
+    for note in sorted(partial.glob(f"*{OLD}{RESTORE}")):
+        old = note.with_name(note.name[: -len(RESTORE)])
+        try:
+            if not note.is_file() or note.is_symlink():
+                continue
+            video_id = safe_relative_path(
+                json.loads(note.read_text())["video_id"], where=str(note), what="video_id"
+            )
+            final = Path(out_root) / video_id
+            if stat.S_ISDIR(os.lstat(old).st_mode) and not os.path.lexists(final):
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(old, final)
+                restored.append(video_id)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # no folder to restore, or a note that is not ours
+    return restored
 
 
 _watched: set[int] = set()
@@ -446,7 +531,6 @@ def extract_video(
         if done is not None:
             return done
     source = Path(video_root) / entry.path
-    final = Path(out_root) / entry.video_id
     result = VideoResult(
         entry.video_id,
         "done",
@@ -462,6 +546,10 @@ def extract_video(
         info = probe(source)
         staging = _new_staging(Path(out_root), entry.video_id, make_root=claim is None)
         counts = _write_frames(source, staging, settings, options, service, claim)
+        if settings.wants_flow and counts["num_frames"] < 2:
+            raise VideoError(
+                f"needs >= 2 frames for flow ({counts['num_frames']} decoded, no frame pair)"
+            )
         meta = {
             "video_id": entry.video_id,
             "source": entry.path,
@@ -485,7 +573,7 @@ def extract_video(
             staging / MARKER, {"settings_hash": settings.digest(), **source_identity(source)}
         )
         with claim.commit() if claim is not None else nullcontext():
-            old = _swap_into_place(staging, final)
+            old = _swap_into_place(staging, Path(out_root), entry.video_id)
         result.num_frames = counts["num_frames"]
     except VideoError as exc:
         result.status, result.reason = "failed", str(exc)
@@ -517,15 +605,34 @@ def _new_staging(out_root: Path, video_id: str, make_root: bool) -> Path:
             continue
 
 
-def _swap_into_place(staging: Path, final: Path) -> Path | None:
-    """Rename the finished staging folder to `final`; return the older version moved aside."""
+def _swap_into_place(staging: Path, out_root: Path, video_id: str) -> Path | None:
+    """Move the finished staging folder to OUT/<video_id>; return where the older version is.
+
+    An existing video is swapped out atomically (`exchange_paths`: the old one ends up at the
+    staging path) or, where the filesystem cannot, moved aside to <staging>.old after a note
+    <staging>.old.restore names it, so a kill between the two renames loses nothing
+    (`restore_replaced`). Folders of the id that are symlinks are refused, not followed.
+    """
+    final = out_root / video_id
+    for parent in reversed(PurePosixPath(video_id).parents[:-1]):
+        if os.path.islink(out_root / parent):
+            raise VideoError(f"output folder {parent} is a symlink; not followed")
     final.parent.mkdir(parents=True, exist_ok=True)
-    if not final.exists():
+    if not os.path.lexists(final):
         os.rename(staging, final)
         return None
-    old = staging.with_name(staging.name + ".old")
+    if exchange_paths(staging, final):
+        return staging
+    old = staging.with_name(staging.name + OLD)
+    note = old.with_name(old.name + RESTORE)
+    write_json_atomic(note, {"video_id": video_id})
     os.rename(final, old)
-    os.rename(staging, final)
+    try:
+        os.rename(staging, final)
+    except BaseException:
+        os.rename(old, final)
+        raise
+    note.unlink()
     return old
 
 
@@ -533,36 +640,31 @@ def plan(entries: list[VideoEntry]) -> tuple[list[VideoEntry], list[VideoResult]
     """Split entries into unique work and failures for ids that two sources share.
 
     Ids whose first part names one of flowprep's own files in OUT (.partial, .lock, the
-    reports) fail too.
+    reports), and entries `entry_problem` refuses (whitespace in an id, bad splits or label
+    index), fail too. An id set where one id is a folder of another raises ManifestError.
     """
+    check_id_set(entries)
     seen: dict[str, VideoEntry] = {}
     clashes = []
     for entry in entries:
-        if _RESERVED.fullmatch(PurePosixPath(entry.video_id).parts[0]):
-            clashes.append(
-                VideoResult(
-                    entry.video_id,
-                    "failed",
-                    source=entry.path,
-                    reason="video id is reserved for flowprep's own files in the output folder",
-                )
-            )
-        elif entry.video_id in seen:
-            clashes.append(
-                VideoResult(
-                    entry.video_id,
-                    "failed",
-                    source=entry.path,
-                    reason=f"video id also used by {seen[entry.video_id].path}",
-                )
-            )
+        problem = entry_problem(entry)
+        if problem is None and _RESERVED.fullmatch(PurePosixPath(entry.video_id).parts[0]):
+            problem = "video id is reserved for flowprep's own files in the output folder"
+        elif problem is None and entry.video_id in seen:
+            problem = f"video id also used by {seen[entry.video_id].path}"
+        if problem is not None:
+            clashes.append(VideoResult(entry.video_id, "failed", source=entry.path, reason=problem))
         else:
             seen[entry.video_id] = entry
     return list(seen.values()), clashes
 
 
 def write_reports(out_root: Path, results: list[VideoResult]) -> None:
-    """Write failures.jsonl and mmaction2-style `<split>_split<N>.txt` lists, sorted, atomically."""
+    """Write failures.jsonl and mmaction2-style `<split>_split<N>.txt` lists, sorted, atomically.
+
+    Every list is rebuilt from this run's finished videos, and a list an earlier run wrote that
+    this one would not (no entry uses that split any more) is deleted, so no stale line remains.
+    """
     out_root = Path(out_root)
     ordered = sorted(results, key=lambda r: (r.video_id, r.source))
     failures = [r for r in ordered if r.status == "failed"]
@@ -583,7 +685,11 @@ def write_reports(out_root: Path, results: list[VideoResult]) -> None:
             if kind in ("train", "test"):
                 lists.setdefault(f"{kind}_split{split}.txt", []).append(line)
     for name, lines in lists.items():
-        write_text_atomic(out_root / name, "".join(lines))
+        if LIST_NAME.fullmatch(name):  # split keys are digits (plan): always true
+            write_text_atomic(out_root / name, "".join(lines))
+    for stale in sorted(out_root.iterdir()):
+        if LIST_NAME.fullmatch(stale.name) and stale.name not in lists and not stale.is_dir():
+            stale.unlink()
 
 
 def run_batch(

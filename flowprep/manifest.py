@@ -28,6 +28,10 @@ VIDEO_EXTENSIONS = (
     ".wmv",
 )
 SPLITS = ("1", "2", "3")
+SPLIT_KINDS = ("train", "test", "unused")
+_SPLIT_KEY = re.compile(r"[0-9]+")  # becomes part of a list file name: <kind>_split<N>.txt
+_UNSAFE_NAME = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")  # would break a "<id> <frames> <label>" line
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class ManifestError(ValueError):
@@ -64,6 +68,74 @@ def safe_relative_path(
     if ".." in posix.parts:
         raise ManifestError(f"{where}: {what} {raw!r} leaves {inside} ('..' is not allowed)")
     return str(posix)
+
+
+def name_problem(text: str) -> str | None:
+    """Why `text` cannot be a video id or path (whitespace, control characters), or None.
+
+    Ids start the lines of the split lists, which are split on whitespace, so one space or
+    newline in an id would shift or inject fields.
+    """
+    bad = _UNSAFE_NAME.search(text)
+    if bad is None:
+        return None
+    kind = "a control character" if _CONTROL.match(bad.group()) else "whitespace"
+    return f"contains {kind} {bad.group()!r}"
+
+
+def entry_problem(entry: VideoEntry) -> str | None:
+    """Why `entry` cannot be extracted as it is (bad id, path, label or splits), or None.
+
+    Splits name list files and label indices fill list lines, so they are checked as strictly
+    as paths: split keys are digits, kinds train/test/unused, label_index a non-negative int.
+    """
+    for what, text in (("video_id", entry.video_id), ("path", entry.path)):
+        problem = name_problem(text) if isinstance(text, str) else "is not a string"
+        if problem:
+            return f"{what} {text!r} {problem}"
+    if entry.label is not None and (
+        not isinstance(entry.label, str) or _CONTROL.search(entry.label)
+    ):
+        return f"label {entry.label!r} must be a string without control characters, or null"
+    index = entry.label_index
+    if index is not None and (isinstance(index, bool) or not isinstance(index, int) or index < 0):
+        return f"label_index {index!r} must be a non-negative integer or null"
+    if not isinstance(entry.splits, dict):
+        return f"splits {entry.splits!r} must be an object"
+    for key, kind in entry.splits.items():
+        if not isinstance(key, str) or not _SPLIT_KEY.fullmatch(key):
+            return f"split key {key!r} must be a split number (digits only)"
+        if kind not in SPLIT_KINDS:
+            return f"split {key} is {kind!r}; expected one of {', '.join(SPLIT_KINDS)}"
+    return None
+
+
+def nested_ids(video_ids: Iterable[str]) -> tuple[str, str] | None:
+    """The first (outer, inner) pair where one id is a folder of the other, or None.
+
+    OUT/<outer>/ is a finished video folder; OUT/<outer>/<rest> inside it would be deleted with
+    it on a redo and hidden from the reader, so such id sets are refused before any work.
+    """
+    ids = set(video_ids)
+    for vid in sorted(ids):
+        for parent in reversed(PurePosixPath(vid).parents[:-1]):
+            if str(parent) in ids:
+                return str(parent), vid
+    return None
+
+
+def check_id_set(entries: Iterable[VideoEntry], where: str | None = None) -> None:
+    """Raise ManifestError naming both ids when one video id is a folder of another.
+
+    `where` (the corpus or manifest) starts the one-line message when given.
+    """
+    clash = nested_ids(e.video_id for e in entries)
+    if clash is not None:
+        outer, inner = clash
+        raise ManifestError(
+            f"{where + ': ' if where else ''}video ids {outer!r} and {inner!r} clash: the output "
+            f"folder of {outer!r} would hold {inner!r}"
+        )
 
 
 def video_id_for(rel_path: str) -> str:
@@ -154,12 +226,36 @@ def index_hmdb51(split_dir: Path) -> list[VideoEntry]:
 
 
 def find_videos(root: Path) -> list[str]:
-    """Relative posix paths of every video file under `root`, sorted (symlinks followed)."""
-    found = []
-    for dirpath, _dirs, files in os.walk(root, followlinks=True):
-        for name in files:
-            if name.lower().endswith(VIDEO_EXTENSIONS):
-                found.append(Path(dirpath, name).relative_to(root).as_posix())
+    """Relative posix paths of every video file under `root`, sorted (symlinks followed).
+
+    A folder that cannot be read is a ManifestError, not a skip: in a folder-per-class tree a
+    missing class would shift every later label index. A folder reached a second time (same
+    device and inode: a symlink loop, or two links to one folder) is reported, not followed.
+    """
+    root = Path(root)
+    found: list[str] = []
+    seen: dict[tuple[int, int], Path] = {}
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                raise ManifestError(
+                    f"{folder}: same folder (device and inode) as {seen[key]}: a symlink loop "
+                    "or a second link; not followed"
+                )
+            seen[key] = folder
+            with os.scandir(folder) as it:
+                children = sorted(it, key=lambda e: e.name)
+            folders = {e.name for e in children if e.is_dir()}
+        except OSError as exc:
+            raise ManifestError(f"{folder}: cannot read folder ({exc.strerror or exc})") from None
+        for e in children:
+            if e.name.lower().endswith(VIDEO_EXTENSIONS) and e.name not in folders:
+                found.append(Path(e.path).relative_to(root).as_posix())
+        stack.extend(folder / name for name in sorted(folders, reverse=True))
     return sorted(found)
 
 
@@ -195,16 +291,27 @@ def detect_format(split_dir: Path | None) -> str:
 def build_manifest(
     video_root: Path, split_dir: Path | None = None, fmt: str = "auto"
 ) -> list[VideoEntry]:
-    """Index a corpus in the layout `fmt` (auto-detected from `split_dir` by default)."""
+    """Index a corpus in the layout `fmt` (auto-detected from `split_dir` by default).
+
+    Entries the manifest reader would refuse (`entry_problem`: a file name with whitespace or
+    control characters) and id sets where one id is a folder of another are refused here.
+    """
     video_root = Path(video_root)
     if not video_root.is_dir():
         raise ManifestError(f"{video_root}: video root is not a directory")
     fmt = detect_format(split_dir) if fmt == "auto" else fmt
     if fmt == "folder":
-        return index_folder(video_root)
-    if split_dir is None:
+        entries = index_folder(video_root)
+    elif split_dir is None:
         raise ManifestError(f"format {fmt!r} needs the folder holding its split files (--splits)")
-    return {"ucf101": index_ucf101, "hmdb51": index_hmdb51}[fmt](Path(split_dir))
+    else:
+        entries = {"ucf101": index_ucf101, "hmdb51": index_hmdb51}[fmt](Path(split_dir))
+    for entry in entries:
+        problem = entry_problem(entry)
+        if problem is not None:
+            raise ManifestError(f"{video_root / entry.path}: {problem}")
+    check_id_set(entries, str(split_dir if fmt != "folder" else video_root))
+    return entries
 
 
 def write_manifest(entries: Iterable[VideoEntry], path: Path) -> None:
@@ -224,9 +331,12 @@ def read_manifest(path: Path) -> list[VideoEntry]:
     """Read a JSON-lines manifest; a malformed line is a one-line ManifestError.
 
     `video_id` names a folder under the output root and `path` a file under the video root, so
-    both must be non-empty relative paths without `..` (they are normalised like split paths).
+    both must be non-empty relative paths without `..` (they are normalised like split paths),
+    whitespace or control characters; labels, label indices and splits are checked by
+    `entry_problem`, and id sets by `check_id_set` (naming both lines).
     """
     entries = []
+    lines: dict[str, int] = {}
     for n, line in _read_lines(Path(path)):
         where = f"{path}:{n}"
         try:
@@ -238,15 +348,28 @@ def read_manifest(path: Path) -> list[VideoEntry]:
                 inside="the output folder",
             )
             rel = safe_relative_path(_manifest_text(raw, "path", where), where=where)
-            entries.append(
-                VideoEntry(
-                    video_id=video_id,
-                    path=rel,
-                    label=raw.get("label"),
-                    label_index=raw.get("label_index"),
-                    splits={str(k): str(v) for k, v in (raw.get("splits") or {}).items()},
-                )
+            splits = raw.get("splits") or {}
+            if not isinstance(splits, dict):
+                raise ManifestError(f"{where}: splits {splits!r} must be an object")
+            entry = VideoEntry(
+                video_id=video_id,
+                path=rel,
+                label=raw.get("label"),
+                label_index=raw.get("label_index"),
+                splits=dict(splits),
             )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise ManifestError(f"{where}: not a manifest line ({exc})") from None
+        problem = entry_problem(entry)
+        if problem is not None:
+            raise ManifestError(f"{where}: {problem}")
+        entries.append(entry)
+        lines.setdefault(video_id, n)
+    clash = nested_ids(lines)
+    if clash is not None:
+        outer, inner = clash
+        raise ManifestError(
+            f"{path}:{lines[inner]}: video id {inner!r} lies inside the output folder of "
+            f"video id {outer!r} (line {lines[outer]})"
+        )
     return entries

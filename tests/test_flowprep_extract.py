@@ -398,3 +398,151 @@ def test_second_live_run_on_the_same_output_is_refused(tmp_path: Path, monkeypat
         "wait for it to finish\n"
     )
     assert not (tmp_path / "o" / "a").exists()
+
+
+def test_planted_partial_symlink_is_refused_not_emptied(tmp_path: Path) -> None:
+    write_video(tmp_path / "v" / "a.avi", moving_shapes(2, 32, 32))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me\n")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".partial").symlink_to(victim)
+    result = CliRunner().invoke(main, ["extract", str(tmp_path / "v"), "-o", str(out), "-q"])
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: {out / '.partial'} is a symlink; flowprep will not follow it to stage videos "
+        "in (remove it and rerun)\n"
+    )
+    assert [p.name for p in victim.iterdir()] == ["precious.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".partial"]  # lock released, nothing made
+    (out / ".lock").symlink_to(tmp_path / "made-elsewhere")
+    (out / ".partial").unlink()
+    result = CliRunner().invoke(main, ["extract", str(tmp_path / "v"), "-o", str(out), "-q"])
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: {out / '.lock'} is a symlink; flowprep will not follow it to lock (remove it "
+        "and rerun)\n"
+    )
+    assert not (tmp_path / "made-elsewhere").exists()
+
+
+def test_planted_report_temp_symlinks_do_not_truncate_their_targets(tmp_path: Path) -> None:
+    write_video(tmp_path / "v" / "a.avi", moving_shapes(2, 32, 32))
+    out = tmp_path / "o"
+    out.mkdir()
+    victims = {}
+    for name in (".failures.jsonl.tmp", ".all.txt.tmp"):
+        victims[name] = tmp_path / f"victim{name}"
+        victims[name].write_text("keep me\n")
+        (out / name).symlink_to(victims[name])
+    result = CliRunner().invoke(main, ["extract", str(tmp_path / "v"), "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert all(v.read_text() == "keep me\n" for v in victims.values())
+    assert (out / "all.txt").read_text() == "a 2 -1\n"
+    assert sorted(p.name for p in out.iterdir()) == ["a", "all.txt", "failures.jsonl"]
+
+
+# Runs run_batch(force=True) on OUT in a fresh process that SIGKILLs itself inside the
+# replacement of the finished video: after the atomic exchange ("exchange"), or, with the
+# exchange unavailable, between moving the old folder aside and renaming the new one in.
+_KILL_IN_SWAP = """
+import os, signal, sys
+from pathlib import Path
+from flowprep import extract
+from flowprep.extract import ExtractSettings, run_batch
+from flowprep.manifest import VideoEntry
+root, out, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+if mode == "exchange":
+    real_exchange = extract.exchange_paths
+    def exchange(a, b):
+        assert real_exchange(a, b), "no renameat2 exchange here"
+        die()
+    extract.exchange_paths = exchange
+else:
+    extract.exchange_paths = lambda a, b: False
+    real_rename = os.rename
+    def rename(src, dst, *args, **kwargs):
+        real_rename(src, dst, *args, **kwargs)
+        if str(dst).endswith(".old"):
+            die()
+    os.rename = rename
+run_batch([VideoEntry("c/a", "c/a.avi")], root, out, ExtractSettings(short_side=16), force=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["exchange", "fallback"])
+def test_kill_9_while_replacing_a_finished_video_loses_nothing(tmp_path: Path, mode: str) -> None:
+    video = write_video(tmp_path / "v" / "c" / "a.avi", moving_shapes(3, 32, 32))
+    out, entry = tmp_path / "o", VideoEntry("c/a", "c/a.avi")
+    run_batch([entry], tmp_path / "v", out, ExtractSettings())
+    before = tree_bytes(out / "c" / "a")
+    args = [str(tmp_path / "v"), str(out), mode]
+    killed = subprocess.run([sys.executable, "-c", _KILL_IN_SWAP, *args])
+    assert killed.returncode == -signal.SIGKILL
+    if mode == "fallback":  # the window: the old copy only under .partial
+        assert not (out / "c" / "a").exists() and list((out / ".partial").glob("*.old"))
+        video.write_bytes(b"the source went bad since")  # so the redo below fails
+        results = run_batch([entry], tmp_path / "v", out, ExtractSettings(short_side=16))
+        assert results[0].status == "failed"
+        assert tree_bytes(out / "c" / "a") == before  # put back, not wiped with .partial
+        assert sorted(p.name for p in out.iterdir()) == ["c", "failures.jsonl"]  # not listed
+    else:  # the exchange happened: the new video is in place, the old one is discarded
+        meta = json.loads((out / "c" / "a" / "meta.json").read_text())
+        assert meta["settings"]["short_side"] == 16
+        results = run_batch([entry], tmp_path / "v", out, ExtractSettings(short_side=16))
+        assert results[0].status == "skipped"
+        assert sorted(p.name for p in out.iterdir()) == ["all.txt", "c", "failures.jsonl"]
+
+
+def test_error_between_the_renames_puts_the_old_video_back(tmp_path: Path, monkeypatch) -> None:
+    write_video(tmp_path / "v" / "a.avi", moving_shapes(3, 32, 32))
+    entry = VideoEntry("a", "a.avi")
+    run_batch([entry], tmp_path / "v", tmp_path / "o", ExtractSettings())
+    before = tree_bytes(tmp_path / "o" / "a")
+    monkeypatch.setattr(extract, "exchange_paths", lambda a, b: False)
+    real_rename, failed = os.rename, []
+
+    def rename(src: Path, dst: Path) -> None:  # the new folder cannot be renamed in, once
+        if str(dst) == str(tmp_path / "o" / "a") and ".old" not in str(src) and not failed:
+            failed.append(src)
+            raise OSError(5, "Input/output error")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    result = extract_video(entry, tmp_path / "v", tmp_path / "o", ExtractSettings(), force=True)
+    assert (result.status, result.reason) == ("failed", "OSError: [Errno 5] Input/output error")
+    assert tree_bytes(tmp_path / "o" / "a") == before
+
+
+def test_lists_of_an_earlier_run_do_not_survive(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        write_video(tmp_path / "v" / f"{name}.avi", moving_shapes(2, 32, 32))
+    manifest, out = tmp_path / "v" / "m.jsonl", tmp_path / "o"
+    first = [VideoEntry("a", "a.avi", "x", 0, {"1": "train"}), VideoEntry("b", "b.avi", "x", 0,
+             {"1": "test", "2": "train"})]  # fmt: skip
+    write_manifest(first, manifest)
+    assert CliRunner().invoke(main, ["extract", str(manifest), "-o", str(out), "-q"]).exit_code == 0
+    assert sorted(p.name for p in out.glob("*.txt")) == [
+        "test_split1.txt", "train_split1.txt", "train_split2.txt"
+    ]  # fmt: skip
+    second = [VideoEntry("a", "a.avi", "x", 0, {"1": "test"}), VideoEntry("b", "b.avi", "x", 0,
+              {"1": "test"})]  # fmt: skip
+    write_manifest(second, manifest)
+    assert CliRunner().invoke(main, ["extract", str(manifest), "-o", str(out), "-q"]).exit_code == 0
+    assert sorted(p.name for p in out.glob("*.txt")) == ["test_split1.txt"]
+    assert (out / "test_split1.txt").read_text() == "a 2 0\nb 2 0\n"  # a is not also train
+
+
+def test_ids_with_whitespace_fail_alone(tmp_path: Path) -> None:
+    write_video(tmp_path / "v" / "a.avi", moving_shapes(2, 32, 32))
+    write_video(tmp_path / "v" / "my clip.avi", moving_shapes(2, 32, 32))
+    out = tmp_path / "o"
+    result = CliRunner().invoke(main, ["extract", str(tmp_path / "v"), "-o", str(out), "-q"])
+    assert result.exit_code == EXIT_SOME_FAILED
+    assert json.loads((out / "failures.jsonl").read_text())["reason"] == (
+        "video_id 'my clip' contains whitespace ' '"
+    )
+    assert (out / "all.txt").read_text() == "a 2 -1\n"

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 from test_flowprep_extract import tree_bytes
 
-from flowprep.cli import main
+from flowprep.cli import EXIT_SOME_FAILED, main
 from flowprep.extract import ExtractSettings, RuntimeOptions, joblib_mapper, run_batch
 from flowprep.manifest import build_manifest
 from flowprep.quantize import dequantize_flow
@@ -35,7 +35,7 @@ def test_both_modalities_pair_flow_k_with_frame_k(clips: Path, tmp_path: Path) -
         main,
         ["extract", str(clips), "-o", str(out), "--modality", "both", "--flow-batch", "3", *SMALL],
     )
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == EXIT_SOME_FAILED, result.output  # one.mkv: see below
     folder = out / "a"
     assert len(list(folder.glob("img_*.jpg"))) == 5
     assert sorted(p.name for p in folder.glob("flow_x_*.jpg")) == [
@@ -48,8 +48,24 @@ def test_both_modalities_pair_flow_k_with_frame_k(clips: Path, tmp_path: Path) -
         fx = dequantize_flow(np.asarray(Image.open(folder / f"flow_x_{k:05d}.jpg")), 20.0)
         fy = dequantize_flow(np.asarray(Image.open(folder / f"flow_y_{k:05d}.jpg")), 20.0)
         assert abs(np.median(fx) + 1.0) < 0.25 and abs(np.median(fy)) < 0.25, k
-    one = json.loads((out / "one" / "meta.json").read_text())
-    assert (one["num_frames"], one["num_flows"]) == (1, 0)
+    assert not (out / "one").exists()  # 1 frame, no pair: failed, not listed with 0 flows
+
+
+@pytest.mark.parametrize("modality", ["both", "flow"])
+def test_one_frame_video_fails_for_flow(clips: Path, tmp_path: Path, modality: str) -> None:
+    out = tmp_path / "o"
+    result = CliRunner().invoke(
+        main, ["extract", str(clips), "-o", str(out), "--modality", modality, *SMALL]
+    )
+    assert result.exit_code == EXIT_SOME_FAILED
+    assert json.loads((out / "failures.jsonl").read_text()) == {
+        "video_id": "one",
+        "source": "one.mkv",
+        "reason": "needs >= 2 frames for flow (1 decoded, no frame pair)",
+    }
+    assert (out / "all.txt").read_text() == "a 5 -1\n"
+    rgb = CliRunner().invoke(main, ["extract", str(clips), "-o", str(tmp_path / "r"), *SMALL])
+    assert rgb.exit_code == 0 and (tmp_path / "r" / "all.txt").read_text() == "a 5 -1\none 1 -1\n"
 
 
 def test_flow_only_and_raw_float(clips: Path, tmp_path: Path) -> None:
@@ -68,7 +84,7 @@ def test_flow_only_and_raw_float(clips: Path, tmp_path: Path) -> None:
             *SMALL,
         ],
     )
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == EXIT_SOME_FAILED, result.output  # one.mkv has no frame pair
     assert not list(out.glob("*/img_*.jpg"))
     flow = np.load(out / "a" / "flow_00002.npy")
     assert flow.shape == (48, 64, 2) and flow.dtype == np.float32
@@ -92,11 +108,9 @@ def test_changing_flow_settings_redoes_videos(clips: Path, tmp_path: Path) -> No
     options = RuntimeOptions(device="cpu")
     first = ExtractSettings(short_side=0, modality="both")
     run_batch(entries, clips, tmp_path / "o", first, options=options)
-    assert {
-        r.status for r in run_batch(entries, clips, tmp_path / "o", first, options=options)
-    } == {"skipped"}
+    again = run_batch(entries, clips, tmp_path / "o", first, options=options)
+    assert {r.video_id: r.status for r in again} == {"a": "skipped", "one": "failed"}
     tighter = ExtractSettings(short_side=0, modality="both", flow_bound=10.0)
-    assert {
-        r.status for r in run_batch(entries, clips, tmp_path / "o", tighter, options=options)
-    } == {"done"}
+    redone = run_batch(entries, clips, tmp_path / "o", tighter, options=options)
+    assert {r.video_id: r.status for r in redone} == {"a": "done", "one": "failed"}
     assert json.loads((tmp_path / "o" / "a" / "meta.json").read_text())["flow_bound"] == 10.0

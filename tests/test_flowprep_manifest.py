@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,106 @@ def test_empty_manifest_is_an_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["extract", str(tmp_path / "m.jsonl"), "-o", "o"])
     assert result.exit_code == 1
     assert result.output == f"Error: {tmp_path / 'm.jsonl'}: the manifest lists no videos\n"
+
+
+@pytest.mark.parametrize(
+    "field, value, cause",
+    [
+        ("splits", {"X/../../../../tmp/x": "train"}, "split key 'X/../../../../tmp/x' must be"),
+        ("splits", {"1": "train\nevil 1 1"}, "split 1 is 'train\\nevil 1 1'; expected one of"),
+        ("splits", {"1": "validation"}, "split 1 is 'validation'; expected one of"),
+        ("splits", ["1"], "splits ['1'] must be an object"),
+        ("label_index", "0\nevil 9 9", "label_index '0\\nevil 9 9' must be a non-negative"),
+        ("label_index", "3", "label_index '3' must be a non-negative integer or null"),
+        ("label_index", True, "label_index True must be"),
+        ("label_index", -1, "label_index -1 must be"),
+        ("label", "run\nevil", "label 'run\\nevil' must be a string without control characters"),
+        ("label", 7, "label 7 must be a string"),
+        ("video_id", "run/a b", "video_id 'run/a b' contains whitespace ' '"),
+        ("video_id", "run/a\tb", "video_id 'run/a\\tb' contains a control character '\\t'"),
+        ("path", "run/a\x01.avi", "path 'run/a\\x01.avi' contains a control character"),
+    ],
+)
+def test_read_manifest_checks_every_value_that_becomes_a_path_or_list_line(
+    tmp_path: Path, field: str, value: object, cause: str
+) -> None:
+    good = {"video_id": "run/a", "path": "run/a.avi", "label": "run", "label_index": 0}
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps(good) + "\n" + json.dumps({**good, field: value}) + "\n")
+    with pytest.raises(ManifestError) as err:
+        read_manifest(manifest)
+    assert str(err.value).startswith(f"{manifest}:2: {cause}")
+    assert "\n" not in str(err.value)
+
+
+def test_split_key_cannot_write_a_list_outside_out(tmp_path: Path) -> None:
+    # the id makes OUT/train_splitX a folder, the split key climbs out of OUT from there
+    write_video(tmp_path / "v" / "a.avi", moving_shapes(2, 32, 32))
+    row = {"video_id": "train_splitX/a", "path": "a.avi", "label_index": 0}
+    manifest = tmp_path / "v" / "m.jsonl"
+    manifest.write_text(json.dumps({**row, "splits": {"X/../../victim": "train"}}) + "\n")
+    out = tmp_path / "work" / "out"
+    result = CliRunner().invoke(main, ["extract", str(manifest), "-o", str(out), "-q"])
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: {manifest}:1: split key 'X/../../victim' must be a split number (digits only)\n"
+    )
+    assert not (tmp_path / "work" / "victim.txt").exists() and not out.exists()
+
+
+def test_nested_video_ids_are_refused_naming_both(tmp_path: Path) -> None:
+    rows = [{"video_id": "a", "path": "a.avi"}, {"video_id": "a/b", "path": "a/b.avi"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ManifestError) as err:
+        read_manifest(manifest)
+    assert str(err.value) == (
+        f"{manifest}:2: video id 'a/b' lies inside the output folder of video id 'a' (line 1)"
+    )
+    videos = tmp_path / "v"
+    write_video(videos / "a.avi", moving_shapes(2, 32, 32))
+    write_video(videos / "a" / "b.avi", moving_shapes(2, 32, 32))
+    for args in (["index", str(videos), "-o", str(tmp_path / "x.jsonl")],
+                 ["extract", str(videos), "-o", str(tmp_path / "out"), "-q"]):  # fmt: skip
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1, result.output
+        assert result.output.count("\n") == 1
+        assert "video ids 'a' and 'a/b' clash" in result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x.jsonl").exists()
+
+
+def test_unreadable_class_folder_is_an_error_not_a_skip(tmp_path: Path, monkeypatch) -> None:
+    for rel in ("a_run/1.avi", "b_jump/2.avi", "c_wave/3.avi"):
+        _touch(tmp_path / "v", rel)
+    blocked = tmp_path / "v" / "b_jump"
+    real_scandir = os.scandir
+
+    def scandir(path: object = "."):  # as an unreadable folder behaves (tests run as root)
+        if Path(os.fsdecode(path)) == blocked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(ManifestError) as err:
+        build_manifest(tmp_path / "v")  # c_wave would take b_jump's label index 1
+    assert str(err.value) == f"{blocked}: cannot read folder (Permission denied)"
+    for args in (["index", str(tmp_path / "v"), "-o", str(tmp_path / "m.jsonl")],
+                 ["extract", str(tmp_path / "v"), "-o", str(tmp_path / "o"), "-q"]):  # fmt: skip
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1
+        assert result.output == f"Error: {blocked}: cannot read folder (Permission denied)\n"
+
+
+def test_symlink_loops_are_reported_not_followed(tmp_path: Path) -> None:
+    _touch(tmp_path / "v", "walk/a.avi")
+    (tmp_path / "v" / "walk" / "self").symlink_to(tmp_path / "v")
+    with pytest.raises(ManifestError) as err:
+        build_manifest(tmp_path / "v")
+    assert str(err.value) == (
+        f"{tmp_path / 'v' / 'walk' / 'self'}: same folder (device and inode) as "
+        f"{tmp_path / 'v'}: a symlink loop or a second link; not followed"
+    )
+    (tmp_path / "v" / "walk" / "self").unlink()
+    _touch(tmp_path / "elsewhere", "jump/b.avi")  # a class folder on another disk still indexes
+    (tmp_path / "v" / "jump").symlink_to(tmp_path / "elsewhere" / "jump")
+    assert [e.video_id for e in build_manifest(tmp_path / "v")] == ["jump/b", "walk/a"]
