@@ -13,8 +13,10 @@ past the size limit, so the layout depends only on the corpus. A shard is writte
 video's completion stamp) is rewritten atomically after each shard, so a killed `pack` or
 `extract --format hdf5` resumes at the first unfinished shard and ends byte-identical to an
 uninterrupted run. A video whose stamp changed (re-extracted) is packed again into a new shard;
-its old copy stays in the old shard, unreferenced. A run holds a flock on the shard directory,
-so a second run writing there at the same time stops with a one-line error.
+its old copy stays in the old shard, unreferenced, until a shard holds no referenced video: then
+the run deletes it as it ends, so every shard file is one that index.json names (`verify`
+checks this). A run holds a flock on the shard directory, so a second run writing there at the
+same time stops with a one-line error.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from flowprep.extract import (
     RuntimeOptions,
     VideoResult,
     frame_name,
+    own_folder,
     plan,
     run_batch,
     source_identity,
@@ -49,6 +52,7 @@ from flowprep.extract import (
 from flowprep.manifest import VideoEntry
 
 INDEX = "index.json"
+SHARD_NAME = re.compile(r"shard_\d{5,}\.h5")  # shard_name's output
 SHARD_FORMAT = "flowprep-shards-1"
 KINDS = ("img", "flow_x", "flow_y")
 OFFSETS = "_offsets"  # JPEG i of kind k is k[k_offsets[i] : k_offsets[i + 1]]
@@ -212,6 +216,7 @@ class ShardWriter:
                 self._write_group()
             if not (self.shards_dir / INDEX).exists():
                 write_json_atomic(self.shards_dir / INDEX, self.index)
+            self._drop_unreferenced()
         finally:
             self.release()
         return self.index
@@ -221,6 +226,13 @@ class ShardWriter:
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
+
+    def _drop_unreferenced(self) -> None:
+        """Delete shard files the (already written) index no longer names: nothing reads them."""
+        used = set(self.index["videos"].values())
+        for path in sorted(self.shards_dir.iterdir()):
+            if SHARD_NAME.fullmatch(path.name) and path.name not in used:
+                path.unlink()
 
     def _write_group(self) -> None:
         name = shard_name(self.number)
@@ -251,7 +263,8 @@ class ShardWriter:
 def pack(frames_dir: Path, shards_dir: Path, *, shard_size: int = 4 * 10**9) -> dict:
     """Pack every finished video under `frames_dir` into HDF5 shards in `shards_dir`.
 
-    The annotation lists (all.txt, <split>_split<N>.txt) are copied beside the shards.
+    The annotation lists (all.txt, <split>_split<N>.txt) are copied beside the shards, and
+    lists there that `frames_dir` no longer has are deleted (a stale split would leak videos).
     Resumable: videos already packed with the same completion stamp are skipped; returns the
     index.
     """
@@ -269,9 +282,14 @@ def pack(frames_dir: Path, shards_dir: Path, *, shard_size: int = 4 * 10**9) -> 
         for vid in todo:
             writer.add(vid, True)
         index = writer.close()
+        copied = set()
         for listing in sorted(frames_dir.iterdir()):  # the trainer finds them beside the shards
             if LIST_NAME.fullmatch(listing.name) and listing.is_file():
                 write_text_atomic(Path(shards_dir) / listing.name, listing.read_text())
+                copied.add(listing.name)
+        for stale in sorted(Path(shards_dir).iterdir()):
+            if LIST_NAME.fullmatch(stale.name) and stale.name not in copied:
+                stale.unlink()
         return index
     finally:
         writer.release()
@@ -330,6 +348,8 @@ def extract_to_shards(
         else:
             todo.append(entry)
     work = out / WORK_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    own_folder(work, "hold frame folders waiting for their shard")
 
     def remove_folders(video_ids: list[str]) -> None:
         for vid in video_ids:

@@ -15,9 +15,19 @@ import numpy as np
 
 from flowprep.extract import frame_name
 from flowprep.manifest import ManifestError, VideoEntry, read_manifest
-from flowprep.reader import FolderVideo, ReaderError, ShardVideo, decode_jpeg, open_reader
+from flowprep.reader import (
+    SHARD_INDEX,
+    FolderReader,
+    FolderVideo,
+    ReaderError,
+    ShardReader,
+    ShardVideo,
+    decode_jpeg,
+    open_reader,
+)
 
 KINDS = ("img", "flow_x", "flow_y")
+SHARD_FILE = "shard_*.h5"  # flowprep.shards.shard_name
 
 
 @dataclass(frozen=True)
@@ -128,12 +138,30 @@ def _check_manifest(vid: str, meta: dict, entry: VideoEntry | None) -> list[Prob
     ]
 
 
+def _check_corpus(path: Path, reader: FolderReader | ShardReader) -> list[Problem]:
+    """No videos at all, or shard files that no index.json names, are problems too.
+
+    An empty folder, a folder of unextracted videos and shards without their index.json would
+    otherwise "verify" with nothing checked.
+    """
+    used = set(reader.shard_of.values()) if isinstance(reader, ShardReader) else set()
+    problems = [
+        Problem(str(shard), f"shard file not referenced by {SHARD_INDEX}")
+        for shard in sorted(Path(path).glob(SHARD_FILE))
+        if shard.name not in used
+    ]
+    if not reader.video_ids:
+        kind = "index.json lists" if isinstance(reader, ShardReader) else "finished video folders"
+        problems.insert(0, Problem(str(path), f"no videos found (0 {kind})"))
+    return problems
+
+
 def verify(path: Path, manifest: Path | None = None) -> list[Problem]:
     """Check every video under a frame-folder root or shard directory; [] when all is well.
 
     Counts agree with meta, shard bytes with their packed CRC32, every JPEG decodes at meta's
     size, and label, label_index and source path agree with the manifest (whose videos must all
-    be present).
+    be present). A corpus of 0 videos, and shard files index.json does not name, are problems.
     """
     entries: dict[str, VideoEntry] | None = None
     if manifest is not None:
@@ -145,7 +173,7 @@ def verify(path: Path, manifest: Path | None = None) -> list[Problem]:
         reader = open_reader(Path(path))
     except ReaderError as exc:
         return [Problem(str(path), str(exc))]
-    problems: list[Problem] = []
+    problems = _check_corpus(Path(path), reader)
     try:
         for vid in reader.video_ids:
             try:

@@ -22,6 +22,7 @@ from flowprep.extract import ExtractSettings, run_batch
 from flowprep.manifest import build_manifest
 from flowprep.reader import ReaderError, ShardReader, open_reader
 from flowprep.shards import extract_to_shards, pack, parse_size
+from flowprep.verify import verify
 from pipelines.synthetic import moving_shapes, write_video
 
 
@@ -298,3 +299,40 @@ def test_pack_copies_the_annotation_lists(frames: Path, tmp_path: Path) -> None:
     assert (tmp_path / "s" / "train_split1.txt").read_text() == "c1/v_a 5 0\n"
     assert (tmp_path / "s" / "test_split1.txt").read_text() == "c2/v_c 6 1\n"
     assert not (tmp_path / "s" / "notes.txt").exists()
+
+
+def test_repack_drops_shards_the_index_no_longer_names(frames: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    pack(frames, out, shard_size=1)  # one video per shard
+    (frames / "c1/v_b/.done").write_text(json.dumps({"settings_hash": "new"}))
+    index = pack(frames, out, shard_size=1)
+    assert index["videos"]["c1/v_b"] == "shard_00004.h5"
+    assert sorted(p.name for p in out.glob("*.h5")) == shards_named(0, 2, 3, 4)  # 1 is gone
+    assert verify(out) == []
+
+
+def test_pack_deletes_lists_the_frames_no_longer_have(frames: Path, tmp_path: Path) -> None:
+    (frames / "train_split1.txt").write_text("c1/v_a 5 0\n")
+    (frames / "test_split1.txt").write_text("c2/v_c 6 1\n")
+    pack(frames, tmp_path / "s")
+    (frames / "train_split1.txt").unlink()
+    (frames / "test_split1.txt").write_text("c1/v_a 5 0\nc2/v_c 6 1\n")
+    pack(frames, tmp_path / "s")
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.txt")) == ["test_split1.txt"]
+
+
+def test_planted_frames_symlink_is_refused(videos: Path, tmp_path: Path) -> None:
+    victim, out = tmp_path / "victim", tmp_path / "h"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me\n")
+    out.mkdir()
+    (out / shards.WORK_DIR).symlink_to(victim)
+    res = CliRunner().invoke(
+        main, ["extract", str(videos), "-o", str(out), "--format", "hdf5", "-q"]
+    )
+    assert res.exit_code == 1
+    assert res.output == (
+        f"Error: {out / shards.WORK_DIR} is a symlink; flowprep will not follow it to hold frame "
+        "folders waiting for their shard (remove it and rerun)\n"
+    )
+    assert [p.name for p in victim.iterdir()] == ["precious.txt"]

@@ -169,3 +169,34 @@ def test_verify_cli_exit_codes(frames: Path, tmp_path: Path) -> None:
     lines = res.output.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("c1/v_a: img_00001.jpg: not a decodable JPEG")
     assert lines[-1] == f"Error: 1 problems found in {frames}"
+
+
+def test_nothing_to_verify_is_a_failure(frames: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "clip.avi").write_bytes(b"a video, never extracted")
+    for folder in (tmp_path / "empty", tmp_path / "videos"):
+        res = runner.invoke(main, ["verify", str(folder)])
+        assert res.exit_code == 1
+        assert res.output == (
+            f"{folder}: no videos found (0 finished video folders)\n"
+            f"Error: 1 problems found in {folder}\n"
+        )
+    pack(frames, tmp_path / "s")
+    (tmp_path / "s" / "index.json").unlink()  # shards without their index: 0 videos read
+    assert [str(p) for p in verify(tmp_path / "s")] == [
+        f"{tmp_path / 's'}: no videos found (0 finished video folders)",
+        f"{tmp_path / 's' / 'shard_00000.h5'}: shard file not referenced by index.json",
+    ]
+
+
+def test_shard_files_the_index_does_not_name_fail(frames: Path, tmp_path: Path) -> None:
+    pack(frames, tmp_path / "s")
+    stray = tmp_path / "s" / "shard_00007.h5"
+    stray.write_bytes((tmp_path / "s" / "shard_00000.h5").read_bytes())
+    assert [str(p) for p in verify(tmp_path / "s")] == [
+        f"{stray}: shard file not referenced by index.json"
+    ]
+    res = CliRunner().invoke(main, ["verify", str(tmp_path / "s")])
+    assert res.exit_code == 1
