@@ -113,6 +113,8 @@ class Runner:
         elif not (resume and stage.kind in RESUMABLE):
             resume = False
             clear_output(self.run, stage)
+        if stage.output:
+            (self.run / stage.output).mkdir(parents=True, exist_ok=True)
         path = record_path(self.run, stage.name)
         write_json_atomic(path, {"key": stage.key, "state": "started", "command": stage.command})
         hint = f" (expected ~{format_eta(record['seconds'])})" if "seconds" in record else ""
