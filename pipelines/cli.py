@@ -95,7 +95,7 @@ def parse_data(items: tuple[str, ...]) -> dict[str, Path] | Path | None:
 def run_command(config: str, data: tuple, out: Path | None, overrides: tuple, dry_run: bool):
     """Run every stage of a paper table: CONFIG is a shipped name or a TOML file.
 
-    Shipped: synthetic_mini (the README's demo), synthetic_ci, synthetic_full, st_resnet_table3.
+    Shipped: synthetic_mini (the README's demo), synthetic_ci, st_resnet_table3.
     """
     from pipelines.pipeline import run_pipeline, stage_status
 
