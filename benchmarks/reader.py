@@ -1,9 +1,11 @@
 """Reader throughput: motion (10 flow pairs) and appearance samples, frame folders vs HDF5 shards.
 
 First times one 256x340 q95 JPEG decode with PIL, cv2 and simplejpeg (how the reader's decoder
-was picked); then writes a synthetic corpus in the `flowprep extract` layout (256x340 JPEGs),
-packs it, and times samples/s through a DataLoader with 0 and 2 workers.
-Run: python benchmarks/reader.py [--cold]   (about a minute on 2 cores)
+was picked); then writes a synthetic corpus in the `flowprep extract` layout (256x340 JPEGs,
+meta.json with each file's CRC32), packs it, and times samples/s through a DataLoader with 0 and 2
+workers. Last, what the reader's per-frame CRC32 check costs: zlib.crc32 of one JPEG against its
+decode, and samples/s with the check on and off (`flowprep.reader.CHECK_CRC`), 0 workers.
+Run: python benchmarks/reader.py [--cold]   (about a minute and a half on 2 cores)
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import cv2
@@ -22,26 +25,34 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import flowprep.reader
-from flowprep.reader import open_reader
+from flowprep.extract import CHECKSUMS
+from flowprep.reader import decode_jpeg, open_reader
 from flowprep.shards import pack
 
 
 def write_corpus(root: Path, videos: int, frames: int, seed: int = 0) -> None:
-    """Synthetic frame folders: smooth textured RGB (q95) and flow (q95) JPEGs, 256x340."""
+    """Synthetic frame folders: smooth textured RGB (q95) and flow (q95) JPEGs, 256x340, and
+    meta.json with each file's CRC32, as `flowprep extract` writes it."""
     rng = np.random.default_rng(seed)
+    q = [cv2.IMWRITE_JPEG_QUALITY, 95]
     for v in range(videos):
         folder = root / f"c{v % 4}" / f"v_{v:03d}"
         folder.mkdir(parents=True)
         base = cv2.GaussianBlur(rng.integers(0, 256, (256, 400, 3), np.uint8), (9, 9), 0)
+        images = {}
         for i in range(frames):
-            q = [cv2.IMWRITE_JPEG_QUALITY, 95]
-            cv2.imwrite(str(folder / f"img_{i + 1:05d}.jpg"), base[:, i : i + 340], q)
+            images[f"img_{i + 1:05d}.jpg"] = base[:, i : i + 340]
             if i < frames - 1:
                 for axis, name in ((0, "flow_x"), (1, "flow_y")):
-                    flow = base[:, i : i + 340, axis] // 4 + 96
-                    cv2.imwrite(str(folder / f"{name}_{i + 1:05d}.jpg"), flow, q)
+                    images[f"{name}_{i + 1:05d}.jpg"] = base[:, i : i + 340, axis] // 4 + 96
+        crcs = {}
+        for name, image in images.items():
+            data = cv2.imencode(".jpg", image, q)[1].tobytes()
+            (folder / name).write_bytes(data)
+            crcs[name] = zlib.crc32(data)
         meta = {"video_id": f"c{v % 4}/v_{v:03d}", "label_index": v % 4, "num_frames": frames}
         meta.update(num_flows=frames - 1, width=340, height=256, index_base=1, flow_bound=20.0)
+        meta[CHECKSUMS] = crcs
         (folder / "meta.json").write_text(json.dumps(meta))
         (folder / ".done").write_text("{}")
 
@@ -108,6 +119,41 @@ def decoder_rates(repeats: int = 300) -> dict[str, tuple[float, float]]:
     return rates
 
 
+def crc_cost(repeats: int = 2000) -> list[tuple[str, int, float, float]]:
+    """(kind, JPEG bytes, µs per zlib.crc32, µs per decode_jpeg) for one 256x340 q95 JPEG."""
+    rng = np.random.default_rng(0)
+    bgr = cv2.GaussianBlur(rng.integers(0, 256, (256, 340, 3), np.uint8), (9, 9), 0)
+    rows = []
+    for kind, image, gray in (("RGB", bgr, False), ("gray", bgr[..., 0], True)):
+        data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+        best = {"crc": float("inf"), "decode": float("inf")}
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                zlib.crc32(data)
+            t1 = time.perf_counter()
+            for _ in range(repeats):
+                decode_jpeg(data, gray=gray, where="")
+            t2 = time.perf_counter()
+            best["crc"] = min(best["crc"], (t1 - t0) / repeats * 1e6)
+            best["decode"] = min(best["decode"], (t2 - t1) / repeats * 1e6)
+        rows.append((kind, len(data), best["crc"], best["decode"]))
+    return rows
+
+
+def crc_rates(root: Path, kind: str, n: int, args) -> tuple[float, float]:
+    """Best samples/s of `root` (0 workers) with the CRC check on and off, alternating passes."""
+    best = {True: 0.0, False: 0.0}
+    try:
+        for _ in range(args.passes):
+            for check in (True, False):
+                flowprep.reader.CHECK_CRC = check
+                best[check] = max(best[check], rate(root, kind, 0, n, args.cold))
+    finally:
+        flowprep.reader.CHECK_CRC = True
+    return best[True], best[False]
+
+
 def evict(root: Path) -> None:
     """Drop this corpus's pages from the page cache (only our files): a cold-cache read."""
     for path in root.rglob("*"):
@@ -170,6 +216,19 @@ def main() -> None:
             for workers in (0, 2):
                 f, s = compare((folders, shards), kind, workers, n, args)
                 print(f"| {kind} | {workers} | {f:.0f}/s | {s:.0f}/s | {s / f:.2f}x |")
+        print("per-frame CRC32 check: one JPEG, 1 thread")
+        print("| JPEG | bytes | zlib.crc32 | decode | crc / decode |")
+        print("| --- | --- | --- | --- | --- |")
+        for name, size, crc, decode in crc_cost():
+            print(f"| {name} | {size:,} | {crc:.1f} µs | {decode:.0f} µs | {crc / decode:.1%} |")
+        print("samples/s with the check on and off, 0 workers")
+        print("| sample | corpus | CRC check on | off | on / off |")
+        print("| --- | --- | --- | --- | --- |")
+        for kind in ("motion", "appearance"):
+            n = args.samples if kind == "motion" else args.samples * 4
+            for name, root in (("folders", folders), ("shards", shards)):
+                on, off = crc_rates(root, kind, n, args)
+                print(f"| {kind} | {name} | {on:.0f}/s | {off:.0f}/s | {on / off:.3f}x |")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from flowprep.manifest import (
     ManifestError,
     build_manifest,
     index_folder,
+    printable,
     read_manifest,
     write_manifest,
 )
@@ -83,7 +84,10 @@ def index_command(video_root: Path, split_dir: Path | None, fmt: str, output: Pa
         entries = build_manifest(video_root, split_dir, fmt)
     except (ManifestError, OSError, UnicodeDecodeError) as exc:
         raise click.ClickException(str(exc)) from None
-    write_manifest(entries, output)
+    try:
+        write_manifest(entries, output)
+    except OSError as exc:  # a read-only folder, a full disk
+        raise click.ClickException(f"{output}: cannot write ({exc.strerror or exc})") from None
     missing = sum(not (video_root / e.path).exists() for e in entries)
     labels = {e.label for e in entries if e.label is not None}
     click.echo(
@@ -280,8 +284,8 @@ def extract_command(
 
     Exit status: 0 when every video succeeded, 3 when some failed (or --strict stopped at the
     first failure), 1 for an unusable SOURCE (a bad manifest, an unreadable folder, video ids
-    where one is a folder of another) or an OUT that another run is writing or that holds a
-    planted symlink, 2 for bad options.
+    where one is a folder of another) or an OUT that another run is writing, that holds a
+    planted symlink, or that cannot be written (read-only, no space left), 2 for bad options.
     """
     entries, root = _load_entries(source, video_root)
     try:
@@ -314,7 +318,7 @@ def extract_command(
             f"{frames / max(time.monotonic() - start, 1e-9):.0f} frames/s", refresh=False
         )
         if result.status == "failed":
-            bar.write(f"failed: {result.source}: {result.reason}", file=sys.stderr)
+            bar.write(f"failed: {printable(result.source)}: {result.reason}", file=sys.stderr)
 
     run = run_batch
     if out_format == "hdf5":
@@ -338,6 +342,9 @@ def extract_command(
         )
     except (ShardError, OutputError, ManifestError) as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:  # OUT became unwritable during the run (disk full, remounted read-only)
+        cause = f"{exc.filename or out}: cannot write the output ({exc.strerror or exc})"
+        raise click.ClickException(cause) from None
     finally:
         logging.getLogger("flowprep").removeHandler(notes)
         bar.close()

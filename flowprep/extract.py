@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -29,6 +30,7 @@ import shutil
 import stat
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
@@ -47,7 +49,7 @@ from flowprep.atomic import (
     write_json_atomic,
     write_text_atomic,
 )
-from flowprep.decode import VideoError, iter_frames, probe
+from flowprep.decode import DecodeStats, VideoError, iter_frames, probe
 from flowprep.flow_service import DEVICE_BATCH, FlowService, resolve_devices
 from flowprep.manifest import (
     VideoEntry,
@@ -59,6 +61,7 @@ from flowprep.manifest import (
 PARTIAL_DIR = ".partial"
 MARKER = ".done"
 META = "meta.json"
+CHECKSUMS = "file_crc32"  # meta.json key: {frame file name: zlib.crc32 of its bytes}
 FAILURES = "failures.jsonl"
 LOCK = ".lock"  # OUT/.lock: flock-ed by the run writing OUT while it runs (deleted at its end)
 OWNER = ".owner"  # OUT/.partial/.owner: that run's token; workers commit under its flock
@@ -153,6 +156,11 @@ class UnsafeOutput(OutputError):
     """A path flowprep manages in OUT is a symlink or not what it should be; never followed."""
 
 
+def unwritable(path: Path, exc: OSError) -> OutputError:
+    """OutputError for an OUT that cannot be written (read-only, no space left, no permission)."""
+    return OutputError(f"{exc.filename or path}: cannot write the output ({exc.strerror or exc})")
+
+
 class Superseded(RuntimeError):
     """The run that started this work died or was replaced by a rerun: the work is dropped."""
 
@@ -226,17 +234,21 @@ def _write_owner(partial: Path, token: str) -> None:
 def claim_output(out_root: Path) -> Iterator[Claim]:
     """Own OUT for a run: lock it, take over from any killed run, clean up staging at the end.
 
-    Raises OutputBusy when another live run holds OUT/.lock for more than LOCK_WAIT_S, and
+    Raises OutputBusy when another live run holds OUT/.lock for more than LOCK_WAIT_S,
     UnsafeOutput when OUT/.lock or OUT/.partial is a symlink (nothing is followed or deleted
-    through it). Finished videos a killed run had moved aside are put back first.
+    through it), and OutputError (one line) when OUT cannot be written: read-only, no space
+    left, no permission. Finished videos a killed run had moved aside are put back first.
     """
     out_root = Path(out_root)
-    out_root.mkdir(parents=True, exist_ok=True)
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise unwritable(out_root, exc) from None
     try:
         lock_fd = lock_exclusive(out_root / LOCK, LOCK_WAIT_S)
     except OSError as exc:
         _refuse_link(out_root / LOCK, "lock")
-        raise UnsafeOutput(f"{out_root / LOCK}: cannot lock it ({exc.strerror})") from None
+        raise unwritable(out_root / LOCK, exc) from None
     if lock_fd is None:
         raise OutputBusy(
             f"{out_root}: another flowprep run is writing here (it holds {LOCK}); "
@@ -248,16 +260,22 @@ def claim_output(out_root: Path) -> Iterator[Claim]:
         owner = partial / OWNER
         if os.path.lexists(owner) and not stat.S_ISREG(os.lstat(owner).st_mode):
             owner.unlink()  # not ours: a planted link is removed, never written through
+    except OSError as exc:
+        release_lock(out_root / LOCK, lock_fd)
+        raise unwritable(partial, exc) from None
     except BaseException:
         release_lock(out_root / LOCK, lock_fd)
         raise
     claim = Claim(out_root, f"{os.getpid()}-{secrets.token_hex(8)}", os.getpid())
     try:
-        _write_owner(partial, claim.token)  # workers of a killed run can no longer commit
-        restore_replaced(out_root)
-        for child in partial.iterdir():  # leftovers of killed runs
-            if child.name != OWNER:
-                _remove(child)
+        try:
+            _write_owner(partial, claim.token)  # workers of a killed run can no longer commit
+            restore_replaced(out_root)
+            for child in partial.iterdir():  # leftovers of killed runs
+                if child.name != OWNER:
+                    _remove(child)
+        except OSError as exc:
+            raise unwritable(partial, exc) from None
         yield claim
     finally:
         claim.revoke()
@@ -342,6 +360,20 @@ def _exit_with_parent(run_pid: int) -> None:
     threading.Thread(target=watch, name="flowprep-parent-watch", daemon=True).start()
 
 
+def exists(path: Path) -> bool:
+    """Path.exists() that says False, not raises, where the path cannot be looked at.
+
+    A manifest entry with a 300-character name or in a folder this user cannot enter raises
+    OSError from Path.exists(); the video then fails on its own (in failures.jsonl) when its
+    extraction tries to open it, and the batch goes on.
+    """
+    try:
+        os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def source_identity(path: Path) -> dict:
     """Size and modification time of a source video, so a replaced file is redone."""
     st = path.stat()
@@ -368,7 +400,7 @@ def finished_result(
     A folder whose marker matches but whose meta.json is missing or unreadable is not finished.
     """
     source, final = Path(video_root) / entry.path, Path(out_root) / entry.video_id
-    if not source.exists() or not is_done(final, settings, source):
+    if not exists(source) or not is_done(final, settings, source):
         return None
     try:
         num_frames = json.loads((final / META).read_text())["num_frames"]
@@ -405,6 +437,16 @@ def frame_name(kind: str, index: int) -> str:
     return f"{kind}_{index + INDEX_BASE:05d}.{ext}"
 
 
+def write_frame_file(folder: Path, name: str, data: bytes, checksums: dict[str, int]) -> None:
+    """Write one frame file and note its CRC32 in `checksums` (meta.json's CHECKSUMS).
+
+    The reader and `verify` compare each file they read with it, so a flipped bit that still
+    decodes is found; `pack` checks it too before copying the bytes into a shard.
+    """
+    (folder / name).write_bytes(data)
+    checksums[name] = zlib.crc32(data)
+
+
 class FlowWriter:
     """Batch consecutive grayscale frames into pairs and write flow k (frame k -> frame k+1).
 
@@ -421,10 +463,12 @@ class FlowWriter:
         settings: ExtractSettings,
         options: RuntimeOptions,
         service: FlowService | None = None,
+        checksums: dict[str, int] | None = None,
     ):
         from flowprep.quantize import quantize_flow  # flow pulls in torch: import only when needed
 
         self.folder, self.settings, self.options = folder, settings, options
+        self.checksums = {} if checksums is None else checksums
         self._quantize = quantize_flow
         self._submit = service.submit if service is not None else self._compute_here
         self.pending: list[np.ndarray] = []
@@ -471,12 +515,16 @@ class FlowWriter:
     def _write(self, pair: np.ndarray) -> None:
         s = self.settings
         if s.flow_format == "npy":
-            np.save(self.folder / frame_name("flow", self.written), pair)
+            buf = io.BytesIO()
+            np.save(buf, pair)
+            name = frame_name("flow", self.written)
+            write_frame_file(self.folder, name, buf.getvalue(), self.checksums)
         else:
             q = self._quantize(pair, s.flow_bound)
             for channel, kind in enumerate(("flow_x", "flow_y")):
                 data = encode_jpeg(np.ascontiguousarray(q[..., channel]), s.jpeg_quality)
-                (self.folder / frame_name(kind, self.written)).write_bytes(data)
+                name = frame_name(kind, self.written)
+                write_frame_file(self.folder, name, data, self.checksums)
         self.written += 1
 
 
@@ -488,14 +536,21 @@ def _write_frames(
     service: FlowService | None,
     claim: Claim | None = None,
 ) -> dict:
-    """Decode `source` into `folder`; return the counts and sizes for meta.json."""
-    flow = FlowWriter(folder, settings, options, service) if settings.wants_flow else None
-    count, shape = 0, (0, 0)
-    for rgb in iter_frames(source, short_side=settings.short_side, threads=options.threads):
+    """Decode `source` into `folder`; return the counts, sizes, rotation and CRCs for meta.json."""
+    checksums: dict[str, int] = {}
+    flow = (
+        FlowWriter(folder, settings, options, service, checksums) if settings.wants_flow else None
+    )
+    count, shape, stats = 0, (0, 0), DecodeStats()
+    frames = iter_frames(
+        source, short_side=settings.short_side, threads=options.threads, stats=stats
+    )
+    for rgb in frames:
         if claim is not None:
             claim.check()
         if settings.wants_rgb:
-            (folder / frame_name("img", count)).write_bytes(encode_jpeg(rgb, settings.jpeg_quality))
+            data = encode_jpeg(rgb, settings.jpeg_quality)
+            write_frame_file(folder, frame_name("img", count), data, checksums)
         if flow is not None:
             flow.add(rgb)
         shape = rgb.shape[:2]
@@ -507,6 +562,8 @@ def _write_frames(
         "height": shape[0],
         "width": shape[1],
         "num_flows": flow.written if flow else 0,
+        "rotation": stats.rotation,  # degrees clockwise the decoded frames were turned upright
+        CHECKSUMS: checksums,
     }
 
 

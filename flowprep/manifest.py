@@ -83,6 +83,13 @@ def name_problem(text: str) -> str | None:
     return f"contains {kind} {bad.group()!r}"
 
 
+def printable(path: object) -> str:
+    """`path` as text for a one-line message: as is, or quoted when it holds a control character
+    (a file name with a newline must not split an error or a progress line in two)."""
+    text = str(path)
+    return repr(text) if _CONTROL.search(text) else text
+
+
 def entry_problem(entry: VideoEntry) -> str | None:
     """Why `entry` cannot be extracted as it is (bad id, path, label or splits), or None.
 
@@ -243,15 +250,17 @@ def find_videos(root: Path) -> list[str]:
             key = (st.st_dev, st.st_ino)
             if key in seen:
                 raise ManifestError(
-                    f"{folder}: same folder (device and inode) as {seen[key]}: a symlink loop "
-                    "or a second link; not followed"
+                    f"{printable(folder)}: same folder (device and inode) as "
+                    f"{printable(seen[key])}: a symlink loop or a second link; not followed"
                 )
             seen[key] = folder
             with os.scandir(folder) as it:
                 children = sorted(it, key=lambda e: e.name)
             folders = {e.name for e in children if e.is_dir()}
         except OSError as exc:
-            raise ManifestError(f"{folder}: cannot read folder ({exc.strerror or exc})") from None
+            raise ManifestError(
+                f"{printable(folder)}: cannot read folder ({exc.strerror or exc})"
+            ) from None
         for e in children:
             if e.name.lower().endswith(VIDEO_EXTENSIONS) and e.name not in folders:
                 found.append(Path(e.path).relative_to(root).as_posix())
@@ -309,7 +318,7 @@ def build_manifest(
     for entry in entries:
         problem = entry_problem(entry)
         if problem is not None:
-            raise ManifestError(f"{video_root / entry.path}: {problem}")
+            raise ManifestError(f"{printable(video_root / entry.path)}: {problem}")
     check_id_set(entries, str(split_dir if fmt != "folder" else video_root))
     return entries
 

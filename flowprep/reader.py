@@ -4,12 +4,20 @@
 their `.done` marker) or a shard directory written by `flowprep pack` (found by its index.json);
 indices are 0-based, and flow k (frame k -> k+1) pairs with frame k. HDF5 files are opened
 lazily per process, so a reader made before DataLoader workers fork is safe in each of them.
+
+Every frame read is checked against the CRC32 written with it (meta.json's `file_crc32` for a
+frame folder, `<kind>_crc32` in a shard), so a flipped bit is an error naming the video and the
+frame, never changed pixels (`CHECK_CRC`; frame folders and shards from before the CRCs are read
+unchecked). index.json is untrusted input too: it may only name shard_NNNNN.h5 files in its own
+folder that are regular files, and a dataset must store the bytes it declares.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import tempfile
 import threading
 import zlib
@@ -19,13 +27,76 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from flowprep.extract import MARKER, META, PARTIAL_DIR, frame_name
+from flowprep.extract import CHECKSUMS, MARKER, META, PARTIAL_DIR, frame_name
 
 SHARD_INDEX = "index.json"  # flowprep.shards.INDEX
+SHARD_NAME = re.compile(r"shard_\d{5,}\.h5")  # flowprep.shards.SHARD_NAME
+CRC_SUFFIX = "_crc32"  # shard dataset <kind>_crc32: zlib.crc32 of each JPEG of <kind>
+CHECK_CRC = True  # compare each frame read with its CRC32 (benchmarks/reader.py times both)
+MAX_FRAME_BYTES = 64 * 2**20  # a stored JPEG larger than this is a corrupt offset, not a frame
+READ_CHUNK = 16 * 2**20  # whole-dataset CRCs (verify) read this many bytes at a time
 
 
 class ReaderError(Exception):
     """An unreadable frame or a bad request; str() names the video, the file and the cause."""
+
+
+def crc_mismatch(data: bytes, want: int | None, source: str) -> str | None:
+    """Why `data` is not the bytes whose CRC32 `source` recorded as `want` (None: no record)."""
+    if want is None or not CHECK_CRC:
+        return None
+    actual = zlib.crc32(data)
+    if actual == want:
+        return None
+    return f"CRC32 {actual:08x}, {source} {want:08x} (bytes changed)"
+
+
+def file_checksums(meta: dict, where: str) -> dict[str, int]:
+    """meta.json's {frame file: CRC32} (empty for folders extracted before it was written)."""
+    sums = meta.get(CHECKSUMS)
+    if sums is None:
+        return {}
+    if not isinstance(sums, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+        for k, v in sums.items()
+    ):
+        raise ReaderError(f"{where}: {CHECKSUMS} is not a {{file name: CRC32}} object")
+    return sums
+
+
+def shard_file_problem(root: Path, name: object) -> str | None:
+    """Why index.json's shard `name` cannot be opened in `root`, or None (checked, not opened).
+
+    A name must be a shard_NNNNN.h5 file name (no folder, so it cannot leave `root`), and the
+    file a regular one: a FIFO would hang the reader and a device feed it without end. A
+    symlink is followed only to a regular file inside `root`.
+    """
+    if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+        return f"shard {name!r} is not a shard_NNNNN.h5 file name in this folder"
+    path = Path(root) / name
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            target = Path(os.path.realpath(path))
+            if target.parent != Path(os.path.realpath(root)):
+                return f"shard {name} is a symlink to {target}, outside {root}"
+            st = os.stat(target)
+    except OSError as exc:
+        return f"shard {name}: cannot open ({exc.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        return f"shard {name} is not a regular file but {_file_kind(st.st_mode)}"
+    return None
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
+    return next((text for test, text in kinds if test(mode)), f"mode {stat.filemode(mode)}")
 
 
 try:  # libjpeg-turbo straight to RGB, the fastest of PIL, cv2, simplejpeg (BENCHMARKS.md)
@@ -134,6 +205,7 @@ class FolderVideo:
         self.num_frames: int = int(self.meta["num_frames"])
         self.num_flows: int = int(self.meta.get("num_flows") or 0)
         self.label_index: int | None = self.meta.get("label_index")
+        self.checksums = file_checksums(self.meta, str(folder / META))
 
     def _check(self, indices: Sequence[int], count: int, kind: str) -> list[int]:
         picked = [int(i) for i in indices]
@@ -142,13 +214,20 @@ class FolderVideo:
             raise ReaderError(f"{self.video_id}: {kind} index {bad[0]} out of range 0..{count - 1}")
         return picked
 
-    def _read(self, name: str, *, gray: bool) -> np.ndarray:
+    def raw(self, name: str) -> bytes:
+        """The bytes of frame file `name`, checked against meta.json's CRC32 of it."""
         path = self.folder / name
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise ReaderError(f"{path}: cannot read ({exc.strerror})") from None
-        return decode_jpeg(data, gray=gray, where=str(path))
+        problem = crc_mismatch(data, self.checksums.get(name), f"{META} says")
+        if problem:
+            raise ReaderError(f"{path}: {problem}")
+        return data
+
+    def _read(self, name: str, *, gray: bool) -> np.ndarray:
+        return decode_jpeg(self.raw(name), gray=gray, where=str(self.folder / name))
 
     def rgb(self, indices: Sequence[int]) -> np.ndarray:
         """RGB frames at 0-based `indices` as uint8 (N, H, W, 3)."""
@@ -220,12 +299,31 @@ class ShardVideo:
     def _group(self):
         return self.reader.group(self.video_id)
 
+    def _stored(self, dataset, name: str):
+        """`dataset` if the shard really stores the bytes it declares, else ValueError.
+
+        flowprep writes datasets uncompressed, so storage below the declared size means a
+        compressed or never-written dataset: a few kB that would read as gigabytes.
+        """
+        declared, stored = dataset.nbytes, dataset.id.get_storage_size()
+        size = self.reader.file_size(self.reader.shard_of[self.video_id])
+        if stored < declared or declared > size:
+            raise ValueError(
+                f"{name} declares {declared} bytes but the shard stores {stored} of them "
+                f"({size} bytes in the file)"
+            )
+        return dataset
+
     def _dataset(self, kind: str) -> tuple:
-        """(bytes dataset, offsets) of `kind`; offsets checked once, so a corrupt shard never
-        makes a read ask for more bytes than the dataset holds."""
+        """(bytes dataset, offsets, per-JPEG CRC32s or None) of `kind`; checked once, so a
+        corrupt shard never makes a read ask for more bytes than the dataset holds."""
         if kind not in self._datasets:  # h5py path lookups cost ~100 us; keep the handles
             group = self._group()
-            data, offsets = group[kind], np.asarray(group[kind + "_offsets"][:], np.int64)
+            data = self._stored(group[kind], kind)
+            offsets = np.asarray(self._stored(group[kind + "_offsets"], kind)[:], np.int64)
+            crcs = group.get(kind + CRC_SUFFIX)
+            if crcs is not None:
+                crcs = np.asarray(self._stored(crcs, kind + CRC_SUFFIX)[:], np.int64)
             if (
                 data.ndim != 1
                 or offsets.ndim != 1
@@ -235,15 +333,29 @@ class ShardVideo:
                 or np.any(np.diff(offsets) < 0)
             ):
                 raise ValueError(f"{kind} offsets do not fit its {data.shape} bytes")
-            self._datasets[kind] = (data, offsets)
+            if np.any(np.diff(offsets) > MAX_FRAME_BYTES):
+                big = int(np.argmax(np.diff(offsets)))
+                raise ValueError(
+                    f"{kind}[{big}] would be {int(offsets[big + 1] - offsets[big])} bytes, over "
+                    f"the {MAX_FRAME_BYTES} a frame may have"
+                )
+            if crcs is not None and crcs.shape != (offsets.size - 1,):
+                raise ValueError(f"{kind}{CRC_SUFFIX} has {crcs.shape}, not one CRC per JPEG")
+            self._datasets[kind] = (data, offsets, crcs)
         return self._datasets[kind]
 
     def crc32(self, kind: str) -> tuple[int | None, int]:
-        """(CRC32 stored when packed or None, CRC32 of the bytes now) of `kind`'s dataset."""
+        """(CRC32 stored when packed or None, CRC32 of the bytes now) of `kind`'s dataset.
+
+        Read READ_CHUNK bytes at a time: checking a shard needs no more memory than that.
+        """
         try:
             data = self._dataset(kind)[0]
             stored = data.attrs.get("crc32")
-            return (None if stored is None else int(stored)), zlib.crc32(data[:].tobytes())
+            crc = 0
+            for start in range(0, data.shape[0], READ_CHUNK):
+                crc = zlib.crc32(data[start : start + READ_CHUNK].tobytes(), crc)
+            return (None if stored is None else int(stored)), crc
         except (KeyError, OSError, ValueError) as exc:
             raise ReaderError(f"{self.where}: unreadable {kind} ({_one_line(exc)})") from None
 
@@ -276,27 +388,40 @@ class ShardVideo:
         except (KeyError, OSError, ValueError) as exc:
             raise ReaderError(f"{self.where}: unreadable {kind} ({_one_line(exc)})") from None
 
-    def raw(self, kind: str, index: int) -> bytes:
+    def raw(self, kind: str, index: int, *, check: bool = True) -> bytes:
         """The stored JPEG bytes of `kind` ('img', 'flow_x', 'flow_y') at 0-based `index`."""
-        return self.raw_many(kind, [index])[0]
+        return self.raw_many(kind, [index], check=check)[0]
 
-    def raw_many(self, kind: str, indices: Sequence[int]) -> list[bytes]:
-        """Stored JPEG bytes at `indices`; a consecutive run is one HDF5 read (flow stacks)."""
+    def packed_crc(self, kind: str, index: int) -> int | None:
+        """The CRC32 packed with JPEG `index` of `kind` (None: packed before per-JPEG CRCs)."""
+        crcs = self._dataset(kind)[2]
+        return None if crcs is None else int(crcs[index])
+
+    def raw_many(self, kind: str, indices: Sequence[int], *, check: bool = True) -> list[bytes]:
+        """Stored JPEG bytes at `indices`, each checked against its packed CRC32 unless not
+        `check`; a consecutive run is one HDF5 read (flow stacks)."""
         picked = [int(i) for i in indices]
         try:
-            data, offsets = self._dataset(kind)
+            data, offsets, crcs = self._dataset(kind)
             bad = [i for i in picked if not 0 <= i < len(offsets) - 1]
             if bad:
                 raise IndexError(f"index {bad[0]} out of range 0..{len(offsets) - 2}")
             if picked and picked == list(range(picked[0], picked[0] + len(picked))):
                 start = int(offsets[picked[0]])
                 run = data[start : int(offsets[picked[-1] + 1])].tobytes()
-                return [run[offsets[i] - start : offsets[i + 1] - start] for i in picked]
-            return [data[int(offsets[i]) : int(offsets[i + 1])].tobytes() for i in picked]
+                blobs = [run[offsets[i] - start : offsets[i + 1] - start] for i in picked]
+            else:
+                blobs = [data[int(offsets[i]) : int(offsets[i + 1])].tobytes() for i in picked]
         except (KeyError, OSError, ValueError, IndexError) as exc:
             raise ReaderError(
                 f"{self.where}: cannot read {kind}{picked} ({_one_line(exc)})"
             ) from None
+        if check and crcs is not None:
+            for i, blob in zip(picked, blobs, strict=True):
+                problem = crc_mismatch(blob, int(crcs[i]), "packed as")
+                if problem:
+                    raise ReaderError(f"{self.where}:{kind}[{i}]: {problem}")
+        return blobs
 
     def _decode(self, kind: str, picked: list[int], *, gray: bool) -> list[np.ndarray]:
         blobs = self.raw_many(kind, picked)
@@ -331,8 +456,16 @@ class ShardReader:
             raise ReaderError(
                 f"{self.root / SHARD_INDEX}: unreadable shard index ({exc})"
             ) from None
+        first_user = {}  # each shard file checked once, named with the first video in it
+        for video_id in sorted(self.shard_of, key=str):
+            first_user.setdefault(str(self.shard_of[video_id]), video_id)
+        for _, video_id in sorted(first_user.items()):
+            problem = shard_file_problem(self.root, self.shard_of[video_id])
+            if problem:
+                raise ReaderError(f"{self.root / SHARD_INDEX}: video {video_id!r}: {problem}")
         self.video_ids: list[str] = sorted(self.shard_of)
         self._files: dict = {}
+        self._sizes: dict[str, int] = {}
         self._videos: dict[str, ShardVideo] = {}
         self._pid = os.getpid()
 
@@ -351,11 +484,16 @@ class ShardReader:
         return self._videos[video_id]
 
     def __getstate__(self) -> dict:  # h5py handles never cross a pickle
-        return {**self.__dict__, "_files": {}, "_videos": {}}
+        return {**self.__dict__, "_files": {}, "_videos": {}, "_sizes": {}}
 
     def _same_process(self) -> None:
         if self._pid != os.getpid():  # forked (DataLoader worker): drop the parent's handles
-            self._files, self._videos, self._pid = {}, {}, os.getpid()
+            self._files, self._videos, self._sizes = {}, {}, {}
+            self._pid = os.getpid()
+
+    def file_size(self, name: str) -> int:
+        """Bytes in shard file `name` when this process opened it."""
+        return self._sizes[name]
 
     def group(self, video_id: str):
         """The open HDF5 group of `video_id`, opening its shard in this process if needed."""
@@ -364,8 +502,12 @@ class ShardReader:
         self._same_process()
         name = self.shard_of[video_id]
         if name not in self._files:
+            problem = shard_file_problem(self.root, name)  # checked again: it may have changed
+            if problem:
+                raise ReaderError(f"{self.root / SHARD_INDEX}: video {video_id!r}: {problem}")
             try:
                 self._files[name] = h5py.File(self.root / name, "r")
+                self._sizes[name] = os.stat(self.root / name).st_size
             except OSError as exc:
                 raise ReaderError(
                     f"{self.root / name}: cannot open shard ({_one_line(exc)})"

@@ -5,7 +5,9 @@ Small-file I/O dominates reading ~7.5 M frame JPEGs; packing them into a few lar
 as one contiguous uint8 dataset per kind plus `<kind>_offsets` (N + 1 int64), Arrow-style: a
 slice read costs ~6 us, where h5py's vlen type costs ~40 us per record (measured). Each bytes
 dataset carries the CRC32 of its bytes, so `verify` finds any changed byte, not only the
-changes that make a JPEG undecodable.
+changes that make a JPEG undecodable, and `<kind>_crc32` holds the CRC32 of each JPEG, which the
+reader checks for every frame it returns. Packing checks each file against the CRC32 its
+meta.json recorded at extract time, so a frame changed on disk is refused, not packed.
 
 Videos go into shards in video-id order, a shard closing before the video that would take it
 past the size limit, so the layout depends only on the corpus. A shard is written as
@@ -36,12 +38,14 @@ import numpy as np
 
 from flowprep.atomic import write_json_atomic, write_text_atomic
 from flowprep.extract import (
+    CHECKSUMS,
     LIST_NAME,
     MARKER,
     META,
     ExtractSettings,
     RuntimeOptions,
     VideoResult,
+    exists,
     frame_name,
     own_folder,
     plan,
@@ -50,12 +54,13 @@ from flowprep.extract import (
     write_reports,
 )
 from flowprep.manifest import VideoEntry
+from flowprep.reader import CRC_SUFFIX, SHARD_NAME, ReaderError, crc_mismatch, file_checksums
 
 INDEX = "index.json"
-SHARD_NAME = re.compile(r"shard_\d{5,}\.h5")  # shard_name's output
 SHARD_FORMAT = "flowprep-shards-1"
 KINDS = ("img", "flow_x", "flow_y")
 OFFSETS = "_offsets"  # JPEG i of kind k is k[k_offsets[i] : k_offsets[i + 1]]
+# CRC_SUFFIX: k_crc32[i] is zlib.crc32 of JPEG i of kind k (flowprep.reader checks it)
 CRC = "crc32"  # attribute of each bytes dataset: zlib.crc32 of all its bytes, for `verify`
 WORK_DIR = ".frames"  # extract --format hdf5: finished frame folders waiting for their shard
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -93,6 +98,9 @@ def read_index(shards_dir: Path) -> dict:
             raise ValueError(f"format {index.get('format')!r}, expected {SHARD_FORMAT!r}")
         for key in ("videos", "stamps", "num_frames"):
             index[key] = dict(index.get(key) or {})
+        for video_id, name in index["videos"].items():
+            if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+                raise ValueError(f"video {video_id!r} names {name!r}, not a shard_NNNNN.h5 file")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ShardError(f"{path}: unreadable shard index ({exc})") from None
     return index
@@ -123,12 +131,19 @@ def stamp_of(folder: Path) -> dict:
 def pack_video(folder: Path, video_id: str, shard: h5py.File) -> int:
     """Copy one finished video folder's JPEG bytes and meta.json into an open shard.
 
-    Returns the video's frame count; ShardError (one line, naming the file) if it is incomplete.
+    Returns the video's frame count; ShardError (one line, naming the file) if it is incomplete
+    or a file's bytes differ from the CRC32 meta.json recorded. The per-file CRCs become the
+    `<kind>_crc32` datasets, not part of the stored meta (an HDF5 attribute holds 64 kB at most).
     """
     folder = Path(folder)
     meta = _read_json(folder / META)
     if meta.get("flow_format") == "npy" and meta.get("num_flows"):
         raise ShardError(f"{folder}: flow stored as .npy; shards hold JPEG frames only")
+    try:
+        checksums = file_checksums(meta, str(folder / META))
+    except ReaderError as exc:
+        raise ShardError(str(exc)) from None
+    meta.pop(CHECKSUMS, None)
     group = shard.require_group("videos").create_group(video_id)
     group.attrs["meta_json"] = json.dumps(meta, sort_keys=True)
     for key, value in meta.items():
@@ -137,16 +152,22 @@ def pack_video(folder: Path, video_id: str, shard: h5py.File) -> int:
     counts["flow_y"] = counts["flow_x"]
     for kind in KINDS:
         blobs = []
+        crcs = []
         for i in range(counts[kind]):
             path = folder / frame_name(kind, i)
             try:
                 blobs.append(np.fromfile(path, np.uint8))
             except OSError as exc:
                 raise ShardError(f"{path}: cannot read ({exc.strerror})") from None
+            problem = crc_mismatch(blobs[-1], checksums.get(path.name), f"{META} says")
+            if problem:
+                raise ShardError(f"{path}: {problem}; not packed")
+            crcs.append(zlib.crc32(blobs[-1]))
         offsets = np.cumsum([0] + [b.size for b in blobs], dtype=np.int64)
         data = np.concatenate(blobs) if blobs else np.zeros(0, np.uint8)
         group.create_dataset(kind, data=data).attrs[CRC] = zlib.crc32(data)
         group.create_dataset(kind + OFFSETS, data=offsets)
+        group.create_dataset(kind + CRC_SUFFIX, data=np.asarray(crcs, np.uint32))
     return counts["img"]
 
 
@@ -301,7 +322,7 @@ def _still_valid(index: dict, video_id: str, source: Path, settings: ExtractSett
     The same test `extract.is_done` applies to a frame folder's marker.
     """
     stamp = index["stamps"].get(video_id)
-    if video_id not in index["videos"] or not isinstance(stamp, dict) or not source.exists():
+    if video_id not in index["videos"] or not isinstance(stamp, dict) or not exists(source):
         return False
     return stamp.get("settings_hash") == settings.digest() and all(
         stamp.get(k) == v for k, v in source_identity(source).items()

@@ -2,11 +2,16 @@
 
 A copied or interrupted corpus fails quietly at training time; `verify` reads everything once
 and reports each problem in one line (the video, the file, the cause) instead of crashing on the
-first bad file. A truncated or corrupted shard is one more problem, never a crash.
+first bad file. A truncated or corrupted shard is one more problem, never a crash. Every frame
+file is compared with the CRC32 meta.json recorded when it was extracted (folders), or with the
+per-JPEG CRC32 packed with it (shards). Shards are read in bounded pieces: an index.json naming
+anything but a regular shard file in its folder, or a dataset declaring more bytes than the
+shard stores, is a problem, not a hang or gigabytes of memory.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +27,7 @@ from flowprep.reader import (
     ReaderError,
     ShardReader,
     ShardVideo,
+    crc_mismatch,
     decode_jpeg,
     open_reader,
 )
@@ -98,10 +104,16 @@ def _check_images(vid: str, video: FolderVideo | ShardVideo) -> list[Problem]:
         try:
             if isinstance(video, ShardVideo):
                 where = f"{video.reader.shard_of[vid]}:{kind}[{i}]"
-                data = video.raw(kind, i)
+                data = video.raw(kind, i, check=False)
+                problem = crc_mismatch(data, video.packed_crc(kind, i), "packed as")
+                if problem:
+                    raise ReaderError(f"{where}: {problem}")
             else:
                 where = frame_name(kind, i)
                 data = _read_file(video.folder / where)
+                problem = crc_mismatch(data, video.checksums.get(where), "meta.json says")
+                if problem:
+                    raise ReaderError(f"{where}: {problem}")
             image = decode_jpeg(data, gray=gray, where=where)
             if None not in size and image.shape[:2] != size:
                 h, w = image.shape[:2]
@@ -112,7 +124,11 @@ def _check_images(vid: str, video: FolderVideo | ShardVideo) -> list[Problem]:
         for i in range(video.num_flows):
             path = video.folder / frame_name("flow", i)
             try:
-                flow = np.load(path, allow_pickle=False)
+                data = path.read_bytes()
+                problem = crc_mismatch(data, video.checksums.get(path.name), "meta.json says")
+                if problem:
+                    raise ValueError(problem)
+                flow = np.load(io.BytesIO(data), allow_pickle=False)
                 if flow.ndim != 3 or flow.shape[2] != 2:
                     raise ValueError(f"shape {flow.shape}, expected (H, W, 2)")
             except (OSError, ValueError, EOFError) as exc:

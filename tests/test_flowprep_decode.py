@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from bad_videos import SHARED, make_bad_videos
 
-from flowprep.decode import VideoError, iter_frames, output_size, probe
+from flowprep.decode import (
+    DecodeStats,
+    VideoError,
+    iter_frames,
+    output_size,
+    probe,
+    quarter_turns,
+)
 from pipelines.synthetic import moving_shapes, write_video
 
 
@@ -63,3 +72,83 @@ def test_each_bad_input_raises_its_reason(tmp_path: Path) -> None:
             list(iter_frames(tmp_path / name))
         assert reason in str(err.value), name
         assert "\n" not in str(err.value)
+
+
+def _write_marked(path: Path, n: int, *, rotation: float | None = None, zero_times=False, **opts):
+    """An mp4 of `n` 64x32 frames, a white 8x8 block in the top-left corner of each, written by
+    PyAV with a display-matrix rotation (counterclockwise degrees) and/or every timestamp 0."""
+    with av.open(str(path), "w", format="mp4", options=opts) as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for i in range(n + 1):
+            image = np.full((32, 64, 3), 40 + i, np.uint8)
+            image[:8, :8] = 255
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24") if i < n else None
+            for packet in stream.encode(frame):
+                if zero_times:
+                    packet.pts = packet.dts = 0
+                container.mux(packet)
+    return path
+
+
+def test_all_timestamps_equal_with_every_frame_there_is_not_truncated(tmp_path: Path) -> None:
+    path = _write_marked(tmp_path / "zero.mp4", 30, zero_times=True)
+    with av.open(str(path)) as container:  # what a muxer without timestamps leaves
+        assert {f.pts for f in container.decode(video=0)} == {0}
+    assert probe(path).declared_frames == 30
+    assert len(list(iter_frames(path, short_side=0))) == 30  # was "truncated: 30 frames cover"
+
+
+def test_all_timestamps_equal_and_frames_missing_is_truncated(tmp_path: Path) -> None:
+    path = _write_marked(tmp_path / "zero.mp4", 30, zero_times=True, movflags="faststart")
+    data = path.read_bytes()
+    media = data.find(b"mdat")
+    assert 0 < data.find(b"moov") < media  # the index first: it survives the cut
+    path.write_bytes(data[: media + (len(data) - media) // 2])
+    with pytest.raises(VideoError, match=r"truncated: \d+ of the 30 frames its header declares"):
+        list(iter_frames(path, short_side=0))
+
+
+@pytest.mark.parametrize(
+    "rotation, clockwise, corner",
+    [(None, 0, (0, 0)), (-90, 90, (0, -1)), (90, 270, (-1, 0)), (180, 180, (-1, -1))],
+)
+def test_rotation_metadata_is_applied_and_reported(
+    tmp_path: Path, rotation: float | None, clockwise: int, corner: tuple[int, int]
+) -> None:
+    """A phone's portrait video is stored landscape with a display matrix turning it 90 degrees
+    clockwise (PyAV reads -90): frames come out as a player (and OpenCV) shows them."""
+    path = _write_marked(tmp_path / "r.mp4", 3, rotation=rotation)
+    stats = DecodeStats()
+    frames = list(iter_frames(path, short_side=16, stats=stats))
+    assert stats.rotation == clockwise
+    upright = (16, 32) if clockwise in (0, 180) else (32, 16)
+    assert {f.shape for f in frames} == {(*upright, 3)}
+    bright = frames[0][..., 0] > 200
+    y, x = corner
+    assert bright[y, x] and bright.sum() < bright.size // 4  # the marked corner, and only it
+
+
+def test_quarter_turns_of_display_rotations() -> None:
+    assert [quarter_turns(a) for a in (0, 90, -90, 180, -180, 270, 89.5)] == [0, 1, 3, 2, 2, 3, 1]
+    assert quarter_turns(45) == 0 and quarter_turns(-30) == 0  # not a quarter: left as stored
+
+
+def test_extract_records_the_rotation_it_applied(tmp_path: Path) -> None:
+    from flowprep.extract import ExtractSettings, extract_video
+    from flowprep.manifest import VideoEntry
+
+    (tmp_path / "v").mkdir()
+    _write_marked(tmp_path / "v" / "phone.mp4", 3, rotation=-90)
+    _write_marked(tmp_path / "v" / "plain.mp4", 3)
+    settings = ExtractSettings(short_side=0)
+    for name, rotation, size in (("phone", 90, (64, 32)), ("plain", 0, (32, 64))):
+        entry = VideoEntry(name, f"{name}.mp4")
+        result = extract_video(entry, tmp_path / "v", tmp_path / "out", settings)
+        assert result.status == "done", result.reason
+        meta = json.loads((tmp_path / "out" / name / "meta.json").read_text())
+        assert meta["rotation"] == rotation
+        assert (meta["height"], meta["width"]) == size  # upright; source_* stay as stored
+        assert (meta["source_height"], meta["source_width"]) == (32, 64)
