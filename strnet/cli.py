@@ -6,6 +6,7 @@ import click
 
 from strnet import __version__
 from strnet.evaluate import eval_command
+from strnet.predict import predict_command
 from strnet.summary import summary_command
 from strnet.train import train_command
 
@@ -20,3 +21,4 @@ def main() -> None:
 main.add_command(train_command)
 main.add_command(eval_command)
 main.add_command(summary_command)
+main.add_command(predict_command)

@@ -1,14 +1,20 @@
 """Pretrained weights in one place: read safely, adapt conv1 to flow stacks, inflate over time.
 
 Pure functions over state dicts with torchvision keys. A checkpoint is read with
-`torch.load(..., weights_only=True)` only; nothing is ever downloaded.
+`torch.load(..., weights_only=True)` only. The one download is `imagenet` (`model.init=imagenet`):
+torchvision's ResNet-50 V1 file, fetched once by `torch.hub.load_state_dict_from_url` with
+`check_hash=True` into torch's hub cache and checked against its sha256 prefix whenever it is read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.error import URLError
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -17,6 +23,13 @@ STRIP_PREFIXES = ("module.", "_orig_mod.")
 CONV1_RULES = ("authors", "timm")
 HEAD_KEYS = ("fc.weight", "fc.bias")  # a new dataset's classifier is re-initialised
 OPTIONAL_KEYS = ("num_batches_tracked",)  # absent from old torchvision files
+IMAGENET = "imagenet"  # the `model.init*` value that names torchvision's ImageNet ResNet-50
+# torchvision's ResNet50_Weights.IMAGENET1K_V1 (76.13 % top-1): the original ResNet-50 training
+# recipe, the weights of the two-stream papers' era (V2, 80.86 %, is a 2021 recipe).
+IMAGENET_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
+IMAGENET_URL_ENV = "STRNET_IMAGENET_URL"  # another URL of a file named <name>-<sha256 prefix>.<ext>
+_verified: dict[Path, tuple[int, int]] = {}  # hub files whose hash matched: (size, mtime_ns)
+
 
 
 class WeightsError(RuntimeError):
@@ -37,8 +50,81 @@ def strip_prefixes(state_dict: dict) -> dict:
     return out
 
 
+def imagenet_url() -> str:
+    """The URL `imagenet` stands for: $STRNET_IMAGENET_URL if set, else `IMAGENET_URL`."""
+    return os.environ.get(IMAGENET_URL_ENV) or IMAGENET_URL
+
+
+def hub_path(url: str) -> Path:
+    """Where `torch.hub.load_state_dict_from_url` keeps `url`: <hub dir>/checkpoints/<name>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def check_cached_hash(path: Path) -> None:
+    """Raise WeightsError (one line) unless the sha256 of `path` starts with its name's prefix.
+
+    torch.hub checks the hash only while downloading; a file damaged in the cache later would
+    load (or fail to unpickle) silently, so strnet checks it on every first read in a process.
+    """
+    match = torch.hub.HASH_REGEX.search(path.name)
+    prefix = match.group(1) if match else ""
+    st = path.stat()
+    if _verified.get(path) == (st.st_size, st.st_mtime_ns):
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(prefix):
+        raise WeightsError(
+            f"cached weights '{path}' fail the hash check (sha256 {digest.hexdigest()[:12]}..., "
+            f"its name says {prefix}...): delete the file to download it again"
+        )
+    _verified[path] = (st.st_size, st.st_mtime_ns)
+
+
+def fetch_imagenet(url: str | None = None, map_location: str | torch.device = "cpu") -> dict:
+    """torchvision's ImageNet ResNet-50 state dict (`imagenet_url()`), downloaded once.
+
+    `torch.hub.load_state_dict_from_url(url, check_hash=True, weights_only=True)`: the first
+    call downloads into torch's hub cache ($TORCH_HOME/hub/checkpoints) and checks the sha256
+    prefix in the file name; later calls read the cache, after `check_cached_hash`. Offline
+    machines give `model.init` a local copy of the file instead. WeightsError (one line).
+    """
+    url = url or imagenet_url()
+    cached = hub_path(url)
+    if not torch.hub.HASH_REGEX.search(cached.name):
+        raise WeightsError(
+            f"{url}: the file name carries no sha256 prefix (<name>-<hex>.<ext>) to check it by"
+        )
+    if cached.is_file():
+        check_cached_hash(cached)
+    try:
+        state = torch.hub.load_state_dict_from_url(
+            url, map_location=map_location, check_hash=True, weights_only=True
+        )
+    except (URLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise WeightsError(
+            f"cannot download {url} ({reason}); offline, set model.init to a local copy"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - a bad hash or an unreadable file: one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"ImageNet weights {url}: {first}") from None
+    if cached.is_file():
+        st = cached.stat()  # just downloaded and checked by torch.hub
+        _verified.setdefault(cached, (st.st_size, st.st_mtime_ns))
+    return state
+
+
 def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> object:
-    """`torch.load(path, weights_only=True)`: no pickled code runs. WeightsError (one line)."""
+    """`torch.load(path, weights_only=True)`: no pickled code runs. WeightsError (one line).
+
+    `path` "imagenet" is torchvision's ImageNet ResNet-50 from torch's hub cache
+    (`fetch_imagenet`); "./imagenet" is a local file of that name.
+    """
+    if isinstance(path, str) and path == IMAGENET:
+        return fetch_imagenet(map_location=map_location)
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint '{path}' not found")
