@@ -31,7 +31,6 @@ IMAGENET_URL_ENV = "STRNET_IMAGENET_URL"  # another URL of a file named <name>-<
 _verified: dict[Path, tuple[int, int]] = {}  # hub files whose hash matched: (size, mtime_ns)
 
 
-
 class WeightsError(RuntimeError):
     """A missing, unreadable or mismatched weights file; the message is one line."""
 
