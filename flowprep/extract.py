@@ -69,7 +69,7 @@ OLD = ".old"  # OUT/.partial/<staging>.old: a finished folder moved aside while 
 RESTORE = ".restore"  # OUT/.partial/<staging>.old.restore: {"video_id": ...} of that folder
 LOCK_WAIT_S = 2.0  # how long a run waits for OUT/.lock before reporting OUT busy
 CHECK_EVERY_S = 0.2  # how often a worker checks, between frames, that its run still owns OUT
-LIST_NAME = re.compile(r"all\.txt|(train|test)_split\d+\.txt")  # the annotation lists
+LIST_NAME = re.compile(r"all(_flow)?\.txt|(train|test)_split\d+(_flow)?\.txt")  # annotation lists
 _RESERVED = re.compile(rf"(\.partial|\.lock|failures\.jsonl|{LIST_NAME.pattern})")
 INDEX_BASE = 1
 MODALITIES = ("rgb", "flow", "both")
@@ -138,6 +138,7 @@ class VideoResult:
     video_id: str
     status: str  # done | skipped | failed
     num_frames: int = 0
+    num_flows: int | None = None  # None: no flow extracted for this video
     reason: str = ""
     source: str = ""
     label_index: int | None = None
@@ -403,15 +404,17 @@ def finished_result(
     if not exists(source) or not is_done(final, settings, source):
         return None
     try:
-        num_frames = json.loads((final / META).read_text())["num_frames"]
-    except (OSError, ValueError, KeyError, TypeError):
+        meta = json.loads((final / META).read_text())
+        num_frames, num_flows = meta["num_frames"], meta.get("num_flows", 0)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    if not isinstance(num_frames, int) or isinstance(num_frames, bool):
+    if any(not isinstance(n, int) or isinstance(n, bool) for n in (num_frames, num_flows)):
         return None
     return VideoResult(
         entry.video_id,
         "skipped",
         num_frames=num_frames,
+        num_flows=num_flows if settings.wants_flow else None,
         source=entry.path,
         label_index=entry.label_index,
         splits=dict(entry.splits),
@@ -632,6 +635,7 @@ def extract_video(
         with claim.commit() if claim is not None else nullcontext():
             old = _swap_into_place(staging, Path(out_root), entry.video_id)
         result.num_frames = counts["num_frames"]
+        result.num_flows = counts["num_flows"] if settings.wants_flow else None
     except VideoError as exc:
         result.status, result.reason = "failed", str(exc)
     except Exception as exc:  # noqa: BLE001 - one bad video must not stop the batch
@@ -719,8 +723,10 @@ def plan(entries: list[VideoEntry]) -> tuple[list[VideoEntry], list[VideoResult]
 def write_reports(out_root: Path, results: list[VideoResult]) -> None:
     """Write failures.jsonl and mmaction2-style `<split>_split<N>.txt` lists, sorted, atomically.
 
-    Every list is rebuilt from this run's finished videos, and a list an earlier run wrote that
-    this one would not (no entry uses that split any more) is deleted, so no stale line remains.
+    RGB lists count frames; flow lists (`<split>_split<N>_flow.txt`, `all_flow.txt`, for videos
+    with flow) count flows, one fewer, since mmaction2 samples indices up to that count. Every
+    list is rebuilt from this run's finished videos, and a list an earlier run wrote that this
+    one would not (no entry uses that split any more) is deleted, so no stale line remains.
     """
     out_root = Path(out_root)
     ordered = sorted(results, key=lambda r: (r.video_id, r.source))
@@ -735,12 +741,15 @@ def write_reports(out_root: Path, results: list[VideoResult]) -> None:
     good = [r for r in ordered if r.status != "failed"]
     lists: dict[str, list[str]] = {}
     for r in good:
-        line = f"{r.video_id} {r.num_frames} {-1 if r.label_index is None else r.label_index}\n"
-        if not r.splits:
-            lists.setdefault("all.txt", []).append(line)
-        for split, kind in r.splits.items():
-            if kind in ("train", "test"):
-                lists.setdefault(f"{kind}_split{split}.txt", []).append(line)
+        label = -1 if r.label_index is None else r.label_index
+        counts = [("", r.num_frames)] + ([("_flow", r.num_flows)] if r.num_flows else [])
+        for suffix, count in counts:
+            line = f"{r.video_id} {count} {label}\n"
+            if not r.splits:
+                lists.setdefault(f"all{suffix}.txt", []).append(line)
+            for split, kind in r.splits.items():
+                if kind in ("train", "test"):
+                    lists.setdefault(f"{kind}_split{split}{suffix}.txt", []).append(line)
     for name, lines in lists.items():
         if LIST_NAME.fullmatch(name):  # split keys are digits (plan): always true
             write_text_atomic(out_root / name, "".join(lines))

@@ -356,11 +356,14 @@ def extract_to_shards(
     todo = []
     for entry in unique:
         if not force and _still_valid(index, entry.video_id, root / entry.path, settings):
+            num_frames = int(index["num_frames"].get(entry.video_id, 0))
             results.append(
                 VideoResult(
                     entry.video_id,
                     "skipped",
-                    num_frames=int(index["num_frames"].get(entry.video_id, 0)),
+                    num_frames=num_frames,
+                    # a packed video with flow has one flow per frame pair (verify checks it)
+                    num_flows=num_frames - 1 if settings.wants_flow and num_frames > 1 else None,
                     source=entry.path,
                     label_index=entry.label_index,
                     splits=dict(entry.splits),

@@ -223,7 +223,7 @@ def test_extract_format_hdf5_writes_what_extract_then_pack_writes(
     packed, written = tree_bytes(tmp_path / "p"), tree_bytes(tmp_path / "h")
     assert len([n for n in packed if n.endswith(".h5")]) >= 2
     reports = {n: b for n, b in tree_bytes(tmp_path / "f").items() if "/" not in n}
-    assert sorted(reports) == ["all.txt", "failures.jsonl"]
+    assert sorted(reports) == ["all.txt", "all_flow.txt", "failures.jsonl"]
     assert written == {**packed, **reports}  # shards, index and reports; no .frames left
     res = runner.invoke(main, [*direct, "--shard-size", "30KB"])
     assert "5 succeeded (0 extracted, 5 already done), 1 failed" in res.output
