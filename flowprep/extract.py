@@ -28,7 +28,6 @@ import re
 import secrets
 import shutil
 import stat
-import threading
 import time
 import zlib
 from collections import deque
@@ -340,27 +339,6 @@ def restore_replaced(out_root: Path) -> list[str]:
     return restored
 
 
-_watched: set[int] = set()
-
-
-def _exit_with_parent(run_pid: int) -> None:
-    """In a worker process the run started (joblib/loky), exit as soon as the run dies.
-
-    A kill -9 of the run leaves its workers orphaned; a daemon thread notices the new parent
-    within half a second and ends the process. Threads of the run itself are not affected.
-    """
-    if os.getppid() != run_pid or run_pid in _watched:
-        return
-    _watched.add(run_pid)
-
-    def watch() -> None:
-        while os.getppid() == run_pid:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="flowprep-parent-watch", daemon=True).start()
-
-
 def exists(path: Path) -> bool:
     """Path.exists() that says False, not raises, where the path cannot be looked at.
 
@@ -601,7 +579,6 @@ def extract_video(
     staging = old = None
     try:
         if claim is not None:
-            _exit_with_parent(claim.pid)
             claim.check()
         info = probe(source)
         staging = _new_staging(Path(out_root), entry.video_id, make_root=claim is None)
@@ -846,7 +823,14 @@ def joblib_mapper(jobs: int) -> Callable[..., Iterator[VideoResult]]:
             return
         from joblib import Parallel, delayed
 
-        parallel = Parallel(n_jobs=jobs, return_as="generator_unordered")
+        from flowprep.workers import die_with_parent
+
+        parallel = Parallel(
+            n_jobs=jobs,
+            return_as="generator_unordered",
+            initializer=die_with_parent,  # a kill -9 of the run ends its workers too
+            initargs=(os.getpid(),),
+        )
         yield from parallel(delayed(function)(*a) for a in arg_list)
 
     return mapper

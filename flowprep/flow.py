@@ -276,9 +276,11 @@ def _flow_opencv(prev: np.ndarray, nxt: np.ndarray, params: TVL1Params, jobs: in
         return opencv_tvl1(prev[0], nxt[0], params, threads=max(1, jobs))[None]
     from joblib import Parallel, delayed
 
-    flows = Parallel(n_jobs=min(jobs, len(prev)))(
-        delayed(opencv_tvl1)(a, b, params) for a, b in zip(prev, nxt, strict=True)
-    )
+    from flowprep.workers import die_with_parent
+
+    flows = Parallel(
+        n_jobs=min(jobs, len(prev)), initializer=die_with_parent, initargs=(os.getpid(),)
+    )(delayed(opencv_tvl1)(a, b, params) for a, b in zip(prev, nxt, strict=True))
     return np.stack(flows)
 
 

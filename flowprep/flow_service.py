@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flowprep import openmp  # noqa: F401 - sets GOMP_SPINCOUNT before torch loads
+
 ComputeFn = Callable[..., np.ndarray]
 DEVICE_BATCH = 64  # pairs per device call: the coarse pyramid levels are tiny, a GPU needs many
 

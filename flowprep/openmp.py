@@ -1,4 +1,16 @@
-"""Run torch on one core in the calling thread only, through torch's OpenMP runtime.
+"""torch's OpenMP runtime: short spin-waits on a busy machine, one core per solver thread.
+
+Importing this module (flowprep.flow and flowprep.flow_service do, before torch is loaded) sets
+GOMP_SPINCOUNT=1000 unless the user chose a wait policy (`limit_spinning`). libgomp's default
+is to spin 300,000 times at every join before sleeping (up to milliseconds, as long as a
+scheduler slice), so when other processes hold the cores a team thread burns its slice waiting
+for a partner that is not running. Compiled TV-L1 joins ~40 times an iteration; with two
+busy-loop processes beside it its CPU time grew 3-5x and it fell behind OpenCV (BENCHMARKS.md,
+"Flow on a busy machine"). 1000 spins (300x fewer) is libgomp's own count for teams larger
+than the cores under OMP_WAIT_POLICY=ACTIVE (100 without); on a quiet machine it cost nothing
+measurable, where OMP_WAIT_POLICY=PASSIVE (no spinning) cost 8 % wall time. The runtime reads
+it once, when it is loaded, so it must be in the environment before torch is first imported;
+worker processes inherit it.
 
 torch.set_num_threads also changes the count every later thread starts with (and MKL's, for
 all threads), so a worker calling it would slow the rest of the program; OpenMP's own
@@ -8,12 +20,35 @@ omp_set_num_threads changes only the calling thread. The runtime is the one torc
 from __future__ import annotations
 
 import ctypes
+import os
 import re
+import sys
 import threading
+from collections.abc import MutableMapping
 from functools import cache
 from pathlib import Path
 
 _RUNTIME = re.compile(r"lib(g|i|)omp[^/]*\.(so|dylib)")  # libgomp (Linux), libomp (macOS), libiomp5
+SPIN_COUNT = "1000"  # GOMP_SPINCOUNT flowprep sets (libgomp default: 300000)
+_WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # a user who set one keeps their choice
+
+
+def limit_spinning(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Set GOMP_SPINCOUNT=SPIN_COUNT in `environ` for torch's OpenMP runtime; whether it did.
+
+    Left alone when the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT, and when torch is already
+    imported in this process (its runtime has read the environment: setting it now would only
+    mislead). Called when this module is imported.
+    """
+    if any(name in environ for name in _WAIT_SETTINGS):
+        return False
+    if environ is os.environ and "torch" in sys.modules:
+        return False
+    environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+    return True
+
+
+limit_spinning()
 
 
 @cache
