@@ -5,8 +5,12 @@ normalisation) plus `ClipDataset`, a torch Dataset over a flowprep reader. Rando
 from a per-sample generator seeded by (seed, epoch, index), so a resumed run draws the same samples.
 
 Conventions: frame indices are 0-based; flow k goes from frame k to frame k+1 and pairs with RGB
-frame k; a chunk at position p is RGB frame p and the flow stack p, p+1, ..., p+L-1 with channels
-interleaved x_p, y_p, x_{p+1}, y_{p+1}, ...
+frame k; a chunk at frame p is RGB frame p and the flow stack p+o, p+o+1, ..., p+o+L-1 with
+channels interleaved x_{p+o}, y_{p+o}, x_{p+o+1}, ... The offset o is `flow_offset`: "center"
+(the default, o = -L/2: flows p-L/2 ... p+L/2-1 around the frame, as the authors'
+`cnn_get_im_flow_batch.m`, whose `frameOffsets` are -L/2 ... L/2-1) or an integer (0: the stack
+starts at the frame, strnet before 2026-12). Chunks are sampled among the frames whose whole stack
+lies inside the video; flow indices are clamped to the video only for videos shorter than a stack.
 """
 
 from __future__ import annotations
@@ -38,15 +42,42 @@ class CropBox:
 
 
 # --------------------------------------------------------------------------- temporal sampling
-def num_positions(num_frames: int, num_flows: int, flow_stack: int, use_flow: bool) -> int:
-    """Number of valid chunk start positions in a video.
+FLOW_OFFSETS = ("center",)  # named values of `flow_offset`; any integer is allowed too
 
-    With flow, a chunk needs a full stack of `flow_stack` flows starting at its position; without
-    flow any frame is a valid position. At least one position always exists.
+
+def stack_offset(flow_offset: int | str, flow_stack: int) -> int:
+    """The first flow of a stack relative to its frame: "center" -> -(L // 2), an int as is."""
+    if flow_offset in FLOW_OFFSETS:
+        return -(flow_stack // 2)
+    if isinstance(flow_offset, bool) or not isinstance(flow_offset, int):
+        raise ValueError(f"flow_offset must be 'center' or an integer, got {flow_offset!r}")
+    return flow_offset
+
+
+def position_frames(
+    num_frames: int, num_flows: int, flow_stack: int, use_flow: bool, offset: int = 0
+) -> tuple[int, int]:
+    """(first frame, count) of the frames a chunk may sit at: chunk position i is frame first + i.
+
+    With flow, a chunk at frame p needs the whole stack p+offset ... p+offset+L-1 inside the video
+    (and frame p itself); without flow any frame is valid. A video too short for a stack gets one
+    position, the frame whose (clamped) stack is most nearly centred on the video's flows.
     """
-    if use_flow:
-        return max(num_flows - flow_stack + 1, 1)
-    return max(num_frames, 1)
+    if not use_flow:
+        return 0, max(num_frames, 1)
+    first = max(0, -offset)
+    last = min(num_frames - 1, num_flows - flow_stack - offset)
+    if last >= first:
+        return first, last - first + 1
+    middle = (num_flows - flow_stack) // 2 - offset
+    return int(np.clip(middle, 0, max(num_frames - 1, 0))), 1
+
+
+def num_positions(
+    num_frames: int, num_flows: int, flow_stack: int, use_flow: bool, offset: int = 0
+) -> int:
+    """Number of valid chunk positions in a video (`position_frames`); at least one."""
+    return position_frames(num_frames, num_flows, flow_stack, use_flow, offset)[1]
 
 
 def sample_chunk_positions(
@@ -100,12 +131,12 @@ def even_positions(n_positions: int, count: int = 25) -> np.ndarray:
     return np.round(np.linspace(0, n_positions - 1, count)).astype(np.int64)
 
 
-def flow_stack_indices(position: int, flow_stack: int, num_flows: int) -> np.ndarray:
-    """Indices of the `flow_stack` consecutive flows starting at `position`, clipped to the video.
-
-    Clipping repeats the last flow for videos shorter than a stack.
-    """
-    return np.clip(position + np.arange(flow_stack), 0, max(num_flows - 1, 0))
+def flow_stack_indices(
+    position: int, flow_stack: int, num_flows: int, offset: int = 0
+) -> np.ndarray:
+    """Indices of the `flow_stack` consecutive flows of the chunk at frame `position`: they start
+    at `position + offset` and are clamped to the video (the first/last flow repeats there)."""
+    return np.clip(position + offset + np.arange(flow_stack), 0, max(num_flows - 1, 0))
 
 
 def stack_flows(flows: np.ndarray) -> np.ndarray:
@@ -243,6 +274,7 @@ class SamplingConfig:
     tau_min: int = 1  # smallest stride between chunks in frames
     tau_max: int = 1  # largest stride between chunks in frames
     flow_stack: int = 10  # L consecutive flows per motion input
+    flow_offset: int | str = "center"  # first flow relative to the chunk's frame; "center" = -L/2
     use_rgb: bool = True  # load the appearance input
     use_flow: bool = True  # load the motion input
     crop: str = "appearance"  # training crop rule: "appearance", "motion", "center" or "none"
@@ -298,6 +330,7 @@ class ClipDataset(Dataset):
             raise KeyError(f"video {missing[0]!r} of the list is not in the data{more}")
         self.reader, self.items, self.cfg = reader, list(items), cfg
         self.train, self.seed, self.epoch = train, seed, 0
+        stack_offset(cfg.flow_offset, cfg.flow_stack)  # a bad offset fails here, not in a worker
 
     def __len__(self) -> int:
         return len(self.items)
@@ -312,17 +345,24 @@ class ClipDataset(Dataset):
         return np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, index])
 
     def positions(self, video, rng: np.random.Generator) -> np.ndarray:
-        """Chunk positions for a video: random stride tau for training, even spacing for tests."""
+        """Chunk frames for a video: random stride tau for training, even spacing for tests."""
         return self.sample_positions(video, rng)[0]
 
     def sample_positions(self, video, rng: np.random.Generator) -> tuple[np.ndarray, int, bool]:
-        """(chunk positions, number of valid positions, whether the drawn tau did not fit)."""
+        """(chunk frames, number of valid positions, whether the drawn tau did not fit)."""
         cfg = self.cfg
-        n = num_positions(video.num_frames, video.num_flows, cfg.flow_stack, cfg.use_flow)
+        first, n = position_frames(
+            video.num_frames, video.num_flows, cfg.flow_stack, cfg.use_flow, self.offset
+        )
         if self.train:
             pos, clipped = sample_chunks(n, cfg.num_chunks, (cfg.tau_min, cfg.tau_max), rng)
-            return pos, n, clipped
-        return even_positions(n, cfg.test_chunks), n, False
+            return first + pos, n, clipped
+        return first + even_positions(n, cfg.test_chunks), n, False
+
+    @property
+    def offset(self) -> int:
+        """The first flow of a stack relative to its chunk's frame (`flow_offset` resolved)."""
+        return stack_offset(self.cfg.flow_offset, self.cfg.flow_stack)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         epoch, index = key if isinstance(key, tuple) else (None, key)
@@ -334,7 +374,7 @@ class ClipDataset(Dataset):
         flow = None
         if cfg.use_flow:
             idx = np.concatenate(
-                [flow_stack_indices(p, cfg.flow_stack, video.num_flows) for p in pos]
+                [flow_stack_indices(p, cfg.flow_stack, video.num_flows, self.offset) for p in pos]
             )
             raw = read_frames(video.flow, idx)
             raw = raw.reshape(len(pos), cfg.flow_stack, *raw.shape[1:])

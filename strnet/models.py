@@ -2,7 +2,9 @@
 
 Single streams (`resnet50`, input channels chosen by the data: 3 RGB or 2L flow) and two-stream
 models: `two_stream_resnet50` (late-fusion baseline), `st_resnet50` (eq. 2 + eq. 5),
-`st_resnet50_star` (+ temporal max-pool), `stm_resnet50[_star]` (multiplicative residuals).
+`st_resnet50_star` (+ temporal max-pool on the conv5 map, window 5, stride 2) and `stm_resnet50`
+(STM-ResNet as STMulNet.m: multiplicative gating, identity temporal convs, max-pool 5, stride 1).
+`create_model` checks its arguments and names the first bad one in one line.
 """
 
 from __future__ import annotations
@@ -12,44 +14,59 @@ from functools import partial
 
 from torch import nn
 
-from strnet.resnet import DEPTHS, Bottleneck, resnet
+from strnet.layers import RESIDUAL_INPUTS
+from strnet.resnet import DEPTHS, STM_TEMPORAL_POOL, TEMPORAL_POOL, Bottleneck, resnet
 from strnet.st_resnet import TwoStream
 
 FLOW_STACK = 10  # L flows per motion input (Sec. 3.1)
+KINDS = {  # two-stream kind -> (links, temporal convs, temporal pool)
+    "late": (None, None, None),
+    "st": ("additive", "inflate", None),
+    "st_star": ("additive", "inflate", TEMPORAL_POOL),
+    "stm": ("multiplicative", "insert", STM_TEMPORAL_POOL),
+}
 
 
 def two_stream(
     depth: int,
     *,
+    kind: str = "late",
     flow_stack: int = FLOW_STACK,
-    spatiotemporal: bool = False,
-    interaction: str = "additive",
+    residual_input: str = "pre_relu",
     **stream_kw,
 ) -> TwoStream:
     """Appearance (3 channels) + motion (2L channels) streams of the same ResNet `depth`.
 
-    `spatiotemporal` gives ST-ResNet: motion residuals and temporal convs; `interaction`
-    "multiplicative" gives STM-ResNet; `stream_kw` go to both `ResNet`s (num_classes, width,
-    bn_sub_batch, temporal_pool for ST-ResNet*).
+    `kind`: "late" (two-stream baseline), "st" (ST-ResNet: motion residuals and inflated temporal
+    convs), "st_star" (+ temporal max-pool), "stm" (STM-ResNet). `residual_input` is eq. 2's
+    x_a: "pre_relu" (the authors') or "post_relu" (earlier strnet versions). `stream_kw` go to both
+    `ResNet`s (num_classes, width, bn_sub_batch, stride_in_1x1).
     """
-    if spatiotemporal and DEPTHS[depth][0] is not Bottleneck:
+    links, temporal, pool = KINDS[kind]
+    if temporal and DEPTHS[depth][0] is not Bottleneck:
         raise ValueError(f"ST-ResNet needs a bottleneck ResNet (50/101/152), not depth {depth}")
     stream_kw.setdefault("num_classes", 101)
-    appearance = resnet(depth, in_channels=3, temporal=spatiotemporal, **stream_kw)
-    motion = resnet(depth, in_channels=2 * flow_stack, temporal=spatiotemporal, **stream_kw)
-    return TwoStream(appearance, motion, motion_residuals=spatiotemporal, interaction=interaction)
+    common = dict(temporal=temporal, temporal_pool=pool, **stream_kw)
+    appearance = resnet(depth, in_channels=3, links=links, residual_input=residual_input, **common)
+    motion = resnet(depth, in_channels=2 * flow_stack, **common)
+    return TwoStream(appearance, motion)
 
 
-def _registry() -> dict[str, Callable[..., nn.Module]]:
-    reg: dict[str, Callable[..., nn.Module]] = {}
+STREAM_ARGS = ("num_classes", "width", "bn_sub_batch", "stride_in_1x1")
+SINGLE_ARGS = (*STREAM_ARGS, "in_channels")
+TWO_STREAM_ARGS = (*STREAM_ARGS, "flow_stack")
+LINKED_ARGS = (*TWO_STREAM_ARGS, "residual_input")
+
+
+def _registry() -> dict[str, tuple[Callable[..., nn.Module], tuple[str, ...]]]:
+    reg: dict[str, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {}
     for depth in (18, 34, 50, 101, 152):
-        reg[f"resnet{depth}"] = partial(resnet, depth)  # in_channels: 3 RGB, 2L flow
-        reg[f"two_stream_resnet{depth}"] = partial(two_stream, depth)
+        reg[f"resnet{depth}"] = (partial(resnet, depth), SINGLE_ARGS)  # 3 RGB, 2L flow
+        reg[f"two_stream_resnet{depth}"] = (partial(two_stream, depth), TWO_STREAM_ARGS)
     for depth in (50, 101, 152):
-        for prefix, interaction in (("st", "additive"), ("stm", "multiplicative")):
-            st = partial(two_stream, depth, spatiotemporal=True, interaction=interaction)
-            reg[f"{prefix}_resnet{depth}"] = st
-            reg[f"{prefix}_resnet{depth}_star"] = partial(st, temporal_pool=True)
+        reg[f"st_resnet{depth}"] = (partial(two_stream, depth, kind="st"), LINKED_ARGS)
+        reg[f"st_resnet{depth}_star"] = (partial(two_stream, depth, kind="st_star"), LINKED_ARGS)
+        reg[f"stm_resnet{depth}"] = (partial(two_stream, depth, kind="stm"), LINKED_ARGS)
     return reg
 
 
@@ -63,8 +80,43 @@ def is_two_stream(name: str) -> bool:
     return name.startswith(TWO_STREAM_PREFIXES)
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
-    """Build the registry model `name`; keyword arguments as in `resnet` / `two_stream`."""
+def model_arguments(name: str) -> tuple[str, ...]:
+    """The keyword arguments `create_model(name, ...)` accepts."""
     if name not in REGISTRY:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
-    return REGISTRY[name](**kwargs)
+    return REGISTRY[name][1]
+
+
+def check_arguments(name: str, kwargs: dict) -> None:
+    """ValueError (one line) for the first unknown or bad keyword argument of model `name`."""
+    known = REGISTRY[name][1]
+    for key, value in kwargs.items():
+        if key not in known:
+            raise ValueError(f"{name}: unknown argument {key!r}; known: {', '.join(known)}")
+        if key == "bn_sub_batch" and value is None:
+            continue
+        if key == "stride_in_1x1":
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}: stride_in_1x1 must be True or False, got {value!r}")
+        elif key == "residual_input":
+            if value not in RESIDUAL_INPUTS:
+                raise ValueError(
+                    f"{name}: residual_input must be one of {', '.join(RESIDUAL_INPUTS)}, "
+                    f"got {value!r}"
+                )
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            extra = " or None" if key == "bn_sub_batch" else ""
+            raise ValueError(f"{name}: {key} must be an integer >= 1{extra}, got {value!r}")
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build the registry model `name`; keyword arguments as in `resnet` / `two_stream`:
+
+    all: num_classes, width, bn_sub_batch, stride_in_1x1 (False: torchvision's v1.5, stride on
+    the 3x3 conv, what torchvision weights expect; True: the original v1 of Table 1); single
+    streams: in_channels; two-stream: flow_stack; ST-/STM-ResNet: residual_input.
+    """
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    check_arguments(name, kwargs)
+    return REGISTRY[name][0](**kwargs)

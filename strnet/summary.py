@@ -17,8 +17,6 @@ from strnet.layers import TemporalConv
 from strnet.models import MODEL_NAMES, create_model, is_two_stream
 from strnet.resnet import ResNet
 
-STAGES = ("conv1", "pool1", "conv2_x", "conv3_x", "conv4_x", "conv5_x", "pool5", "fc")
-
 
 @dataclass
 class StageRow:
@@ -35,28 +33,56 @@ class StageRow:
         return f"{self.width} x {self.height} x {self.chunks}, {self.channels}"
 
 
+STAGE_MODULES = {  # summary row -> the stream's module whose output it reports
+    "conv1": "relu",  # conv1 + BN + ReLU (the stream's own `relu` serves the stem only)
+    "pool1": "maxpool",
+    "conv2_x": "layer1",
+    "conv3_x": "layer2",
+    "conv4_x": "layer3",
+    "conv5_x": "layer4",
+    "pool5": "avgpool",
+    "fc": "fc",
+}
+
+
+def stream_rows(stream: ResNet, name: str) -> tuple[list[StageRow], Callable[[], None]]:
+    """Forward hooks that record `stream`'s stage outputs as rows while it runs; and a remover.
+
+    The stages are ordinary modules, so the whole model runs as it does in training and the
+    hooks read the (B, T, C, H, W) tensors between stages; pool5's T' follows temporal pooling.
+    """
+    rows: list[StageRow] = []
+    handles = []
+
+    def hook(stage: str):
+        def record(module, args, out) -> None:
+            if stage == "fc":
+                chunks = out.shape[1] if out.dim() == 3 else 1
+                rows.append(StageRow(name, stage, 1, 1, chunks, out.shape[-1]))
+                return
+            chunks = out.shape[1] if out.dim() == 5 else 1
+            rows.append(StageRow(name, stage, out.shape[-1], out.shape[-2], chunks, out.shape[-3]))
+
+        return record
+
+    for stage, attr in STAGE_MODULES.items():
+        handles.append(getattr(stream, attr).register_forward_hook(hook(stage)))
+
+    def remove() -> None:
+        for h in handles:
+            h.remove()
+
+    return rows, remove
+
+
 @torch.no_grad()
 def stage_shapes(stream: ResNet, name: str, x: torch.Tensor) -> list[StageRow]:
-    """Run one stream on (1, T, C, H, W) stage by stage; record each stage's output size."""
-    t = x.shape[1]
-    stream.set_chunks(t)
-    rows = []
-
-    def note(stage: str, h: torch.Tensor, chunks: int = t) -> None:
-        rows.append(StageRow(name, stage, h.shape[-1], h.shape[-2], chunks, h.shape[-3]))
-
-    h = stream.relu(stream.bn1(stream.conv1(x.flatten(0, 1))))
-    note("conv1", h)
-    h = stream.maxpool(h)
-    note("pool1", h)
-    for stage, layer in zip(STAGES[2:6], stream.stages, strict=True):
-        for unit in layer:
-            h = unit(h, t)
-        note(stage, h)
-    pooled = stream.pool5(h, 1, t)[0]  # (T', C, h', w')
-    rows.append(StageRow(name, "pool5", pooled.shape[-1], pooled.shape[-2], *pooled.shape[:2]))
-    scores = stream.fc(pooled.mean(dim=(-2, -1)))
-    rows.append(StageRow(name, "fc", 1, 1, scores.shape[0], scores.shape[-1]))
+    """Run one stream on (1, T, C, H, W); record each stage's output size (forward hooks)."""
+    rows, remove = stream_rows(stream, name)
+    try:
+        stream(x)
+    finally:
+        remove()
     return rows
 
 
@@ -97,33 +123,46 @@ def summarize(
     base_width: int = 64,
     flow_stack: int = 10,
     in_channels: int = 3,
+    stride_in_1x1: bool = False,
 ) -> dict:
-    """Parameters, MACs per clip and per-stage output sizes of registry model `name`."""
+    """Parameters, MACs per clip and per-stage output sizes of registry model `name`.
+
+    The model runs one whole forward (a two-stream model with its motion links) while hooks
+    record the multiply-adds of every conv and linear layer and the stages' output sizes.
+    """
+    kw = dict(num_classes=num_classes, width=base_width, stride_in_1x1=stride_in_1x1)
     if is_two_stream(name):
-        model = create_model(name, num_classes=num_classes, width=base_width, flow_stack=flow_stack)
-        streams = {
-            "appearance": (model.appearance, torch.zeros(1, chunks, 3, height, width)),
-            "motion": (model.motion, torch.zeros(1, chunks, 2 * flow_stack, height, width)),
-        }
-    else:
-        model = create_model(
-            name, num_classes=num_classes, width=base_width, in_channels=in_channels
+        model = create_model(name, flow_stack=flow_stack, **kw)
+        streams = {"appearance": model.appearance, "motion": model.motion}
+        inputs = (
+            torch.zeros(1, chunks, 3, height, width),
+            torch.zeros(1, chunks, 2 * flow_stack, height, width),
         )
-        streams = {"stream": (model, torch.zeros(1, chunks, in_channels, height, width))}
+    else:
+        model = create_model(name, in_channels=in_channels, **kw)
+        streams = {"stream": model}
+        inputs = (torch.zeros(1, chunks, in_channels, height, width),)
     model.eval()
-    rows: list[StageRow] = []
+    recorders = {key: stream_rows(net, key) for key, net in streams.items()}
 
-    def run() -> None:  # stage by stage; the streams' residual links add no multiply-adds
-        for key, (net, x) in streams.items():
-            rows.extend(stage_shapes(net, key, x))
+    def run() -> None:
+        with torch.no_grad():
+            model(*inputs)
 
-    macs = count_macs(model, run)
+    try:
+        macs = count_macs(model, run)
+    finally:
+        for _, remove in recorders.values():
+            remove()
     return {
         "name": name,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "stream_parameters": {
+            key: sum(p.numel() for p in net.parameters()) for key, net in streams.items()
+        },
         "macs": macs,
         "input": f"{chunks} chunks of {height} x {width}",
-        "rows": rows,
+        "rows": [row for rows, _ in recorders.values() for row in rows],
     }
 
 
@@ -140,8 +179,13 @@ def summarize(
               help="L flows per motion input (2L channels).")  # fmt: skip
 @click.option("--in-channels", type=int, default=3, show_default=True,
               help="Input channels of a single-stream model.")  # fmt: skip
+@click.option(
+    "--stride-in-1x1",
+    is_flag=True,
+    help="Stride on the first 1x1 conv (ResNet v1, Table 1) instead of the 3x3 (v1.5).",
+)
 def summary_command(model, chunks, height, frame_width, num_classes, base_width, flow_stack,
-                    in_channels):  # fmt: skip
+                    in_channels, stride_in_1x1):  # fmt: skip
     """Print MODEL's parameters, multiply-adds and stage output sizes (W x H x T, C)."""
     if min(chunks, height, frame_width, num_classes, base_width, flow_stack, in_channels) < 1:
         raise click.UsageError("sizes and counts must be positive")
@@ -149,11 +193,16 @@ def summary_command(model, chunks, height, frame_width, num_classes, base_width,
         s = summarize(
             model, chunks=chunks, height=height, width=frame_width, num_classes=num_classes,
             base_width=base_width, flow_stack=flow_stack, in_channels=in_channels,
+            stride_in_1x1=stride_in_1x1,
         )  # fmt: skip
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from None
     click.echo(f"{s['name']}: {s['input']}")
-    click.echo(f"parameters: {s['parameters']:,}")
+    per_stream = s["stream_parameters"]
+    split = ""
+    if len(per_stream) > 1:
+        split = " (" + ", ".join(f"{k} {v:,}" for k, v in per_stream.items()) + ")"
+    click.echo(f"parameters: {s['parameters']:,}{split}")
     click.echo(f"multiply-adds per clip: {s['macs'] / 1e9:.2f} G")
     click.echo(f"{'stream':<11} {'stage':<8} output (W x H x T, C)")
     for r in s["rows"]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.error import URLError
@@ -130,8 +131,45 @@ def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> obj
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure becomes one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"cannot read checkpoint '{path}': {first}") from None
+        raise WeightsError(f"cannot read checkpoint '{path}': {load_reason(exc)}") from None
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def load_reason(exc: BaseException) -> str:
+    """torch.load's actual reason for failing, in one line of plain text.
+
+    A weights-only failure opens with paragraphs about PyTorch 2.6's defaults (with terminal
+    colour codes); the reason follows "WeightsUnpickler error:", e.g. "Unsupported global: GLOBAL
+    io.open ..." -> "unsupported global io.open: not a weights file".
+    """
+    text = ANSI.sub("", str(exc))
+    _, marker, rest = text.partition("WeightsUnpickler error:")
+    if marker:
+        lines = [line.strip() for line in rest.splitlines() if line.strip()]
+        reason = lines[0] if lines else "unsupported content"
+        found = re.match(r"Unsupported global: GLOBAL (\S+)", reason)
+        if found:
+            return f"unsupported global {found.group(1)}: not a weights file"
+        found = re.match(r"Unsupported operand (\d+)", reason)
+        if found:
+            return f"unsupported pickle operand {found.group(1)}: not a weights file"
+        return reason.rstrip(".")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def describe(obj: object) -> str:
+    """What a loaded object is, for 'holds ..., not a state dict' errors."""
+    if isinstance(obj, torch.Tensor):
+        return f"a tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, dict):
+        bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+        return f"a dict whose entry {bad!r} is of type {type(obj[bad]).__name__}"
+    if isinstance(obj, list | tuple):
+        return f"a {type(obj).__name__} of {len(obj)} items"
+    return f"a {type(obj).__name__}"
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -144,7 +182,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"'{path}' holds no state dict of tensors")
+        raise WeightsError(f"'{path}' holds {describe(obj)}, not a state dict of tensors")
     return strip_prefixes(obj)
 
 
@@ -228,8 +266,9 @@ def load_pretrained(
 
     RGB conv1 filters meet a flow stack by `adapt_input_conv`, 2D 1x1 filters meet temporal
     convs by `inflate_temporal`. With `new_head`, a classifier of another class count is left
-    at its initialisation. Any other missing, unexpected or mismatched key raises WeightsError
-    naming them, and nothing is loaded.
+    at its initialisation; so do the keys a module lists in `fresh_keys()` (STM-ResNet's new
+    temporal convs, identity-initialised, which no 2D checkpoint holds). Any other missing,
+    unexpected or mismatched key raises WeightsError naming them, and nothing is loaded.
     """
     where = "state dict" if isinstance(source, dict) else f"'{source}'"
     state = strip_prefixes(source) if isinstance(source, dict) else read_state_dict(source)
@@ -248,10 +287,11 @@ def load_pretrained(
         if fitted is not value:
             report.adapted.append(key)
     report.missing = [k for k in target if k not in usable]
+    fresh = set(module.fresh_keys()) if hasattr(module, "fresh_keys") else set()
     bad_missing = [
         k
         for k in report.missing
-        if not (new_head and is_head_key(k)) and not k.endswith(OPTIONAL_KEYS)
+        if not (new_head and is_head_key(k)) and not k.endswith(OPTIONAL_KEYS) and k not in fresh
     ]
     bad_mismatch = [m for m in report.mismatched if not (new_head and is_head_key(m.split()[0]))]
     if bad_missing or report.unexpected or bad_mismatch:

@@ -22,10 +22,12 @@ from strnet.data import (
     motion_crop_box,
     normalize_flow,
     pad_symmetric,
+    position_frames,
     read_split_list,
     sample_chunk_positions,
     sample_chunks,
     stack_flows,
+    stack_offset,
 )
 
 
@@ -121,24 +123,56 @@ def test_flip_in_dataset_mirrors_and_negates_x():
     torch.testing.assert_close(x_flip, 255 - torch.flip(x_plain, dims=[-1]), rtol=0, atol=0)
 
 
-def test_flow_index_k_pairs_with_frame_k():
+@pytest.mark.parametrize(("flow_offset", "first"), [("center", -5), (0, 0), (-2, -2)])
+@pytest.mark.parametrize("train", [True, False])
+def test_flow_index_k_pairs_with_frame_k(flow_offset, first, train):
+    """Chunk at frame k: flows k-5 ... k+4 (centred, the default, as the authors'
+    cnn_get_im_flow_batch.m: frameOffsets = -L/2 : L/2-1), or k+o ... k+o+9 for an integer o."""
     video = FakeVideo(60)
     cfg = SamplingConfig(
-        num_chunks=5, tau_min=5, tau_max=15, flow_stack=10, crop="none", flip_p=0.0
-    )
-    ds = ClipDataset(FakeReader(v=video), [("v", 3)] * 8, cfg, seed=0)
+        num_chunks=5, tau_min=5, tau_max=15, flow_stack=10, crop="none", flip_p=0.0,
+        flow_offset=flow_offset, test_chunks=7,
+    )  # fmt: skip
+    ds = ClipDataset(FakeReader(v=video), [("v", 3)] * 8, cfg, seed=0, train=train)
     for i in range(8):
         item = ds[i]
+        chunks = 5 if train else 7
         assert item["label"] == 3
-        assert item["rgb"].shape == (5, 3, 24, 32) and item["flow"].shape == (5, 20, 24, 32)
+        assert item["rgb"].shape == (chunks, 3, 24, 32)
+        assert item["flow"].shape == (chunks, 20, 24, 32)
         frame_k = rgb_values(item["rgb"])[:, 0, 0, 0] - video.frames[0, 0, 0, 0]
         flow = item["flow"].numpy()[:, :, 0, 0] + 128 - video.flows[0, 0, 0, 0]
-        np.testing.assert_array_equal(flow[:, 0], frame_k)  # x of the first flow of each stack
-        for j in range(10):  # interleaved x_j, y_j of flows k .. k+9
-            np.testing.assert_array_equal(flow[:, 2 * j], frame_k + j)
-            np.testing.assert_array_equal(flow[:, 2 * j + 1], frame_k + j + 100)
+        np.testing.assert_array_equal(flow[:, 0], frame_k + first)  # x of each stack's first flow
+        for j in range(10):  # interleaved x_j, y_j of flows k+o .. k+o+9, all inside the video
+            np.testing.assert_array_equal(flow[:, 2 * j], frame_k + first + j)
+            np.testing.assert_array_equal(flow[:, 2 * j + 1], frame_k + first + j + 100)
+        assert frame_k.min() + first >= 0 and frame_k.max() + first + 9 <= video.num_flows - 1
         strides = np.diff(frame_k)
-        assert len(set(strides.tolist())) == 1 and 5 <= strides[0] <= 15
+        if train:
+            assert len(set(strides.tolist())) == 1 and 5 <= strides[0] <= 15
+        else:  # test chunks spread from the first to the last frame with a whole stack
+            assert frame_k[0] == -first and frame_k[-1] + first + 9 == video.num_flows - 1
+
+
+def test_centred_stacks_clamp_at_the_edges_of_short_videos():
+    # 7 frames, 6 flows, L = 10: no frame has a whole centred stack; the middle one is used
+    assert position_frames(7, 6, 10, True, -5) == (3, 1)
+    np.testing.assert_array_equal(flow_stack_indices(3, 10, 6, -5), [0, 0, 0, 1, 2, 3, 4, 5, 5, 5])
+    assert position_frames(7, 6, 10, True, 0) == (0, 1)  # from the frame on: frame 0 (as before)
+    # 12 frames, 11 flows, L = 4, centred: frames 2 ... 9 (flows 0-3 ... 7-10)
+    assert position_frames(12, 11, 4, True, -2) == (2, 8)
+    assert position_frames(12, 11, 4, False, -2) == (0, 12)  # RGB only: every frame
+    assert stack_offset("center", 10) == -5 and stack_offset("center", 5) == -2
+    assert stack_offset(3, 10) == 3
+    with pytest.raises(ValueError, match="flow_offset must be 'center' or an integer, got 'mid'"):
+        ClipDataset(FakeReader(v=FakeVideo(5)), [("v", 0)], SamplingConfig(flow_offset="mid"))
+    video = FakeVideo(7)
+    cfg = SamplingConfig(num_chunks=3, flow_stack=10, crop="none", flip_p=0.0)
+    item = ClipDataset(FakeReader(v=video), [("v", 0)], cfg)[0]
+    frames = rgb_values(item["rgb"])[:, 0, 0, 0] - video.frames[0, 0, 0, 0]
+    assert frames.tolist() == [3, 3, 3]
+    x = item["flow"].numpy()[0, 0::2, 0, 0] + 128 - video.flows[0, 0, 0, 0]
+    assert x.tolist() == [0, 0, 0, 1, 2, 3, 4, 5, 5, 5]
 
 
 @pytest.mark.parametrize("num_chunks,tau", [(1, (1, 1)), (5, (5, 15)), (11, (1, 15))])
@@ -250,3 +284,14 @@ def test_epoch_travels_with_the_index_and_short_videos_are_flagged():
         "tau reduced or positions padded for such videos (warned once per run)"
     )
     assert clipped_stride_message({**batch, "tau_clipped": torch.tensor([0, 0])}, [], cfg) is None
+
+
+def test_flow_offset_config_key_reaches_the_dataset():
+    from strnet.config import ConfigError, load_config
+    from strnet.runtime import sampling_config
+
+    assert sampling_config(load_config("motion")).flow_offset == "center"
+    assert sampling_config(load_config("motion", ["data.flow_offset=0"])).flow_offset == 0
+    assert sampling_config(load_config("motion", ["data.flow_offset=-3"])).flow_offset == -3
+    with pytest.raises(ConfigError, match="^data.flow_offset must be 'center' or an integer"):
+        load_config("motion", ["data.flow_offset=middle"])
