@@ -7,6 +7,7 @@ from the defaults below; every field has a comment saying what it controls.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class DataConfig:
     tau_min: int = 1  # smallest temporal stride between chunks (frames)
     tau_max: int = 1  # largest temporal stride between chunks (frames)
     flow_stack: int = 10  # L flows per motion input; unless set, a strnet init checkpoint's L
+    flow_offset: int | str = "center"  # first flow of a stack vs its frame: "center" (-L/2) or int
     use_rgb: bool = True  # load RGB frames (appearance stream)
     use_flow: bool = True  # load flow stacks (motion stream)
     crop: str = "appearance"  # "appearance" (±25 % jitter), "motion" (corner/centre), "none"
@@ -55,6 +57,8 @@ class ModelConfig:
     width: int = 0  # conv1 channels, doubled per stage; 0 = init checkpoint's, else 64 (paper)
     in_channels: int = 0  # input channels of a 2D single stream; 0 = from data (3 RGB, 2L flow)
     bn_sub_batch: int = 0  # samples per BatchNorm sub-batch (Table 2 "Bnorm batch"); 0 = whole
+    residual_input: str = "pre_relu"  # eq. 2's x_a: "pre_relu" (authors') or "post_relu" (old)
+    stride_in_1x1: bool = False  # ResNet v1 (stride on 1x1, Table 1); False: v1.5 (torchvision)
     conv1_init: str = "authors"  # conv1 adaptation rule for flow input: "authors" or "timm"
     init: str = ""  # checkpoint to start from: previous phase or local ImageNet weights
     init_appearance: str = ""  # checkpoint of an appearance-stream phase for the RGB stream
@@ -101,49 +105,96 @@ class TrainConfig:
     explicit_keys: typing.ClassVar[frozenset[str] | None] = None
 
     def validate(self) -> TrainConfig:
-        """Check values the types cannot; raise ConfigError with one line on the first problem."""
-        o, d = self.optim, self.data
+        """Check values the types cannot; raise ConfigError with one line on the first problem.
+
+        Every count, period and size a loop steps by or divides by is checked here, where the
+        config is read, with a line naming the key and its value (`run.log_every must be >= 1,
+        got 0`), so no bad value reaches the trainer as a traceback.
+        """
+        o, d, m, r = self.optim, self.data, self.model, self.run
+        at_least = [  # (key, value, smallest allowed, what 0 means when allowed)
+            ("optim.batch_size", o.batch_size, 1, ""),
+            ("optim.micro_batch", o.micro_batch, 1, ""),
+            ("data.split", d.split, 1, ""),
+            ("data.num_chunks", d.num_chunks, 1, ""),
+            ("data.flow_stack", d.flow_stack, 1, ""),
+            ("data.crop_size", d.crop_size, 1, ""),
+            ("data.test_chunks", d.test_chunks, 1, ""),
+            ("data.num_workers", d.num_workers, 0, ""),
+            ("model.num_classes", m.num_classes, 0, "from the data"),
+            ("model.width", m.width, 0, "from init or 64"),
+            ("model.in_channels", m.in_channels, 0, "from the data"),
+            ("model.bn_sub_batch", m.bn_sub_batch, 0, "whole batch"),
+            ("run.seed", r.seed, 0, ""),
+            ("run.log_every", r.log_every, 1, ""),
+            ("run.ckpt_every", r.ckpt_every, 1, ""),
+            ("run.max_steps", r.max_steps, 0, "full schedule"),
+            ("run.precise_bn", r.precise_bn, 0, "off"),
+            ("run.val_every", r.val_every, 0, "off"),
+        ]
+        for key, value, low, zero in at_least:
+            if value < low:
+                note = f" (0 = {zero})" if zero else ""
+                raise ConfigError(f"{key} must be >= {low}{note}, got {value}")
+        for i, lr in enumerate(o.lrs):
+            if not (math.isfinite(lr) and lr > 0):
+                raise ConfigError(f"optim.lrs[{i}] must be a finite number > 0, got {lr}")
+        for i, n in enumerate(o.iterations):
+            if n < 1:
+                raise ConfigError(f"optim.iterations[{i}] must be >= 1, got {n}")
         checks = [
             (
                 len(o.lrs) == len(o.iterations) > 0,
                 "optim.lrs and optim.iterations need equal length",
             ),
-            (all(lr > 0 for lr in o.lrs), "optim.lrs must be positive"),
-            (all(n > 0 for n in o.iterations), "optim.iterations must be positive"),
-            (o.batch_size > 0 and o.micro_batch > 0, "optim batch sizes must be positive"),
             (
                 o.batch_size % o.micro_batch == 0,
                 "optim.batch_size must be a multiple of micro_batch",
             ),
             (0 <= o.momentum < 1, "optim.momentum must be in [0, 1)"),
-            (1 <= d.tau_min <= d.tau_max, "data.tau_min/tau_max need 1 <= tau_min <= tau_max"),
             (
-                d.num_chunks >= 1 and d.flow_stack >= 1,
-                "data.num_chunks and flow_stack must be >= 1",
+                math.isfinite(o.weight_decay) and o.weight_decay >= 0,
+                f"optim.weight_decay must be a finite number >= 0, got {o.weight_decay}",
             ),
+            (1 <= d.tau_min <= d.tau_max, "data.tau_min/tau_max need 1 <= tau_min <= tau_max"),
             (d.use_rgb or d.use_flow, "data.use_rgb and data.use_flow cannot both be false"),
             (d.crop in ("appearance", "motion", "center", "none"), f"bad data.crop {d.crop!r}"),
             (0.0 <= d.flip_p <= 1.0, "data.flip_p must be in [0, 1]"),
-            (d.crop_size > 0 and d.test_chunks > 0, "data.crop_size and test_chunks must be > 0"),
-            (self.model.num_classes >= 0, "model.num_classes must be >= 0 (0 = from the data)"),
-            (self.model.width >= 0, "model.width must be >= 0 (0 = from init or 64)"),
-            (self.run.val_every >= 0, "run.val_every must be >= 0 (0 = off)"),
             (
-                self.run.log_every > 0 and self.run.ckpt_every > 0,
-                "run.log_every and run.ckpt_every must be positive",
-            ),
-            (self.run.precise_bn >= 0, "run.precise_bn must be >= 0"),
-            (self.model.bn_sub_batch >= 0, "model.bn_sub_batch must be >= 0 (0 = whole batch)"),
-            (
-                self.model.conv1_init in ("authors", "timm"),
+                m.conv1_init in ("authors", "timm"),
                 "model.conv1_init must be authors or timm",
             ),
-            (self.run.device in ("auto", "cpu", "cuda"), "run.device must be auto, cpu or cuda"),
+            (r.device in ("auto", "cpu", "cuda"), "run.device must be auto, cpu or cuda"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        check_architecture_keys(self)
         return self
+
+
+def check_architecture_keys(cfg: TrainConfig) -> None:
+    """model.residual_input and data.flow_offset (issue 14); ConfigError with one line."""
+    if cfg.model.residual_input not in ("pre_relu", "post_relu"):
+        raise ConfigError(
+            f"model.residual_input must be pre_relu or post_relu, got {cfg.model.residual_input!r}"
+        )
+    offset = cfg.data.flow_offset
+    if isinstance(offset, str) and offset != "center":
+        raise ConfigError(f"data.flow_offset must be 'center' or an integer, got {offset!r}")
+    if cfg.model.name.endswith("_star"):  # ST-ResNet*: max over 5 chunks, stride 2, no padding
+        for key in ("num_chunks", "test_chunks"):
+            t = getattr(cfg.data, key)
+            if t > 5 and (t - 5) % 2:
+                raise ConfigError(
+                    f"data.{key} = {t} leaves the last chunk out of ST-ResNet*'s max-pooling "
+                    f"(windows of 5, stride 2); use {t - 1} or {t + 1}"
+                )
+
+
+# What a config saved before a key existed meant: a checkpoint of an older strnet rebuilds the
+# network and the sampling it was trained with (post-ReLU eq. 2 input, stacks from the frame on).
+LEGACY_DEFAULTS = {"model": {"residual_input": "post_relu"}, "data": {"flow_offset": 0}}
 
 
 def _type_name(tp) -> str:
@@ -274,7 +325,11 @@ def config_from_dict(values: dict) -> TrainConfig:
     Run information stored beside the settings (`classes`) is ignored.
     """
     cfg = TrainConfig()
-    apply_dict(cfg, {k: v for k, v in values.items() if k not in RUN_INFO_KEYS})
+    values = {k: v for k, v in values.items() if k not in RUN_INFO_KEYS}
+    for section, legacy in LEGACY_DEFAULTS.items():
+        if isinstance(values.get(section), dict):
+            values[section] = {**legacy, **values[section]}
+    apply_dict(cfg, values)
     return cfg.validate()
 
 

@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader
 from strnet.checkpoint import CheckpointError, load_checkpoint
 from strnet.config import ConfigError, TrainConfig, config_from_dict
 from strnet.data import ClipDataset, SamplingConfig, hflip_normalized_flow, read_split_list
-from strnet.models import MODEL_NAMES, create_model, is_two_stream
+from strnet.models import MODEL_NAMES, create_model, is_two_stream, model_arguments
 from strnet.st_resnet import fuse
 from strnet.weights import strip_prefixes
 
@@ -42,16 +43,37 @@ class Context:
         return self.rank == 0
 
 
+class DeviceError(click.ClickException):
+    """The device asked for is not there (`cuda` without a GPU): a usage error, exit status 2.
+
+    A click exception rather than a ConfigError, so `strnet train`, `eval` and `predict` all end
+    with the one line `Error: ...` and status 2 without a traceback.
+    """
+
+    exit_code = 2
+
+
 def setup_device(preference: str = "auto") -> Context:
     """Pick the device and join the process group when torchrun started us.
 
     Backend is nccl on CUDA and gloo on CPU; without WORLD_SIZE > 1 no group is created.
+    Raises DeviceError when `cuda` is asked for and this process has no GPU to use.
     """
+    if preference not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda, got {preference!r}")
     if preference == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device is 'cuda' but no GPU is available")
+        raise DeviceError(
+            "device 'cuda' asked for but no GPU is available (torch.cuda.is_available() is "
+            "False): use device cpu or auto"
+        )
     use_cuda = preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda and local >= torch.cuda.device_count():
+        raise DeviceError(
+            f"LOCAL_RANK is {local} but this machine has {torch.cuda.device_count()} GPU(s): "
+            "start at most one process per GPU"
+        )
     device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -76,6 +98,7 @@ def sampling_config(cfg: TrainConfig) -> SamplingConfig:
         tau_min=d.tau_min,
         tau_max=d.tau_max,
         flow_stack=d.flow_stack,
+        flow_offset=d.flow_offset,
         use_rgb=d.use_rgb,
         use_flow=d.use_flow,
         crop=d.crop,
@@ -92,11 +115,45 @@ def list_path(cfg: TrainConfig, subset: str) -> Path:
 
 
 def split_items(cfg: TrainConfig, subset: str) -> list[tuple[str, int]]:
-    """(video_id, label) pairs of the train or test list of `cfg.data.split`."""
+    """(video_id, label) pairs of the train or test list of `cfg.data.split`.
+
+    A line that does not parse or holds a negative label is a one-line ConfigError naming the
+    list file and the line (`train_split1.txt:7: ...`).
+    """
     path = list_path(cfg, subset)
     if not path.is_file():
         raise ConfigError(f"{subset} list {str(path)!r} not found (set data.{subset}_list)")
-    return read_split_list(path)
+    try:
+        items = read_split_list(path)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{subset} list '{path}' is not a text file") from None
+    except ValueError as exc:
+        raise ConfigError(bad_label_line(path) or str(exc)) from None
+    for vid, label in items:
+        if label < 0:
+            raise ConfigError(f"{list_line(path, vid)}: label {label} of {vid!r} is negative")
+    return items
+
+
+def list_line(path: Path, vid: str) -> str:
+    """`<path>:<n>`, the line of a list file that names `vid` (for error messages)."""
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        parts = line.split()
+        if parts and parts[0] == vid:
+            return f"{path}:{n}"
+    return str(path)
+
+
+def bad_label_line(path: Path) -> str | None:
+    """The message for a list line whose label is not an integer; None when every one is."""
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        parts = line.split()
+        if len(parts) == 3:
+            try:
+                int(parts[2])
+            except ValueError:
+                return f"{path}:{n}: label {parts[2]!r} of {parts[0]!r} is not an integer"
+    return None
 
 
 def open_data(root: str):
@@ -142,6 +199,9 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
     if m.num_classes <= 0:
         raise ConfigError("model.num_classes is 0: resolve it from the data first")
     kw = dict(num_classes=m.num_classes, width=m.width or 64, bn_sub_batch=m.bn_sub_batch or None)
+    kw.update(stride_in_1x1=m.stride_in_1x1)
+    if "residual_input" in model_arguments(m.name):  # ST-/STM-ResNet: eq. 2's x_a
+        kw.update(residual_input=m.residual_input)
     if is_two_stream(m.name):
         if not (d.use_rgb and d.use_flow):
             raise ConfigError(f"{m.name} needs data.use_rgb and data.use_flow")

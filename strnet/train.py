@@ -33,6 +33,7 @@ from strnet.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    write_atomic,
 )
 from strnet.config import ConfigError, TrainConfig, load_config, to_dict
 from strnet.data import ClipDataset, ClippedStrideWarning, clipped_stride_message
@@ -55,7 +56,14 @@ from strnet.runtime import (  # noqa: F401 - build_model, Context, ... kept impo
 from strnet.st_resnet import fuse
 from strnet.weights import WeightsError, load_pretrained, strip_prefixes
 
-RUN_FILES = ("metrics.jsonl", "checkpoint.pt", "best.pt", "curves.png")  # replaced by --overwrite
+# What a run writes into its folder (and `--force` deletes); the checkpoint first, so a kill while
+# deleting leaves nothing that `--resume` would continue with half of its metrics.
+RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.jsonl", "curves.png", "config.json")
+RUN_LEFTOVERS = (".checkpoint.pt.tmp", ".best.pt.tmp", ".metrics.jsonl.tmp")  # a kill's temp files
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message is one line."""
 
 
 # --------------------------------------------------------------------------- data
@@ -231,20 +239,24 @@ def log_metrics(out: Path, record: dict, writer=None) -> None:
                 writer.add_scalar(key, value, record["step"])
 
 
-def tensorboard_writer(out: Path):
-    """A SummaryWriter when tensorboard is installed, else None (it is optional)."""
+def tensorboard_writer(out: Path, purge_step: int | None = None):
+    """A SummaryWriter when tensorboard is installed, else None (it is optional).
+
+    `purge_step` (a resumed run's first step) hides the events a killed run logged from that
+    step on, so TensorBoard, like metrics.jsonl, holds each step once.
+    """
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # noqa: BLE001 - tensorboard missing or broken: skip it
         return None
-    return SummaryWriter(str(out / "tb"))
+    return SummaryWriter(str(out / "tb"), purge_step=purge_step)
 
 
 def plot_curves(metrics_path: Path, png_path: Path) -> Path | None:
     """Loss and accuracy curves of a run (validation top-1 too, if any) as a PNG."""
     if not metrics_path.is_file():
         return None
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(metrics_path)
     if not rows:
         return None
     import matplotlib
@@ -266,6 +278,19 @@ def plot_curves(metrics_path: Path, png_path: Path) -> Path | None:
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return png_path
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line a kill or a full disk cut short is skipped."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
 
 
 def format_eta(seconds: float) -> str:
@@ -342,10 +367,20 @@ def resume_from(path: Path, model, optimizer) -> tuple[int, dict]:
 
 
 def load_resume(path: Path, model, optimizer) -> dict:
-    """Restore model, optimizer and RNG states; {"step", "pos", "best"} of the checkpoint."""
+    """Restore model, optimizer and RNG states; {"step", "pos", "best"} of the checkpoint.
+
+    A checkpoint that lacks a part or does not fit the model is a one-line CheckpointError.
+    """
     ckpt = load_checkpoint(path)
-    model.load_state_dict(strip_prefixes(ckpt["model"]))
-    optimizer.load_state_dict(ckpt["optimizer"])
+    missing = [k for k in ("model", "optimizer", "rng", "step", "sampler") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"'{path}' is not a resumable strnet checkpoint (no {missing[0]!r})")
+    try:
+        model.load_state_dict(strip_prefixes(ckpt["model"]))
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"'{path}' does not fit the model of this run: {first}") from None
     set_rng_state(ckpt["rng"])
     best = ckpt.get("best")
     return {"step": int(ckpt["step"]), "pos": dict(ckpt["sampler"]), "best": best or None}
@@ -410,42 +445,61 @@ class Run:
         )  # fmt: skip
 
 
-def prepare_out(out: Path, resume: bool, overwrite: bool, ctx: Context) -> None:
-    """Refuse to train over a finished or running run unless told; clear what a fresh run replaces.
+def check_out(out: Path, resume: bool, force: bool) -> None:
+    """Refuse to train over an existing run unless told: `--resume` continues, `--force` replaces.
 
-    Without `resume`, a folder holding checkpoint.pt needs `overwrite`; a fresh run removes the
-    old metrics, checkpoints, curves and TensorBoard logs so none of them mix with its own.
+    A folder holding any file a run writes (`RUN_FILES`, `tb/`) is a run folder; other files in
+    it are left alone. Nothing is deleted here (see `clear_out`).
     """
     ckpt = out / "checkpoint.pt"
-    if resume and overwrite:
-        raise ConfigError("--resume continues a run and --overwrite replaces it: choose one")
+    if resume and force:
+        raise ConfigError("--resume continues a run and --force replaces it: choose one")
     if resume:
         if not ckpt.is_file():
             raise CheckpointError(f"nothing to resume: {str(ckpt)!r} not found")
         return
-    if ckpt.is_file() and not overwrite:
+    if force:
+        return
+    if ckpt.is_file():
         raise ConfigError(
             f"run folder '{out}' already holds checkpoint.pt: use --resume to continue it or "
-            "a new --out (--overwrite replaces it)"
+            "a new --out (--force replaces it)"
         )
-    if ctx.is_main:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "tb", ignore_errors=True)
+    found = [name for name in (*RUN_FILES, "tb") if (out / name).exists()]
+    if found:
+        raise ConfigError(
+            f"run folder '{out}' already holds {', '.join(found)} of a run with no checkpoint to "
+            "resume: use --force to replace it or a new --out"
+        )
+
+
+def clear_out(out: Path) -> None:
+    """Delete what an earlier run wrote into `out` (`--force`), the checkpoint first."""
+    for name in (*RUN_FILES, *RUN_LEFTOVERS):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "tb", ignore_errors=True)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines after `step`: a resumed run logs those steps again."""
+    """Keep the metric rows of steps <= `step` (a resumed run logs later steps again).
+
+    Lines a kill cut short are dropped; the file is replaced atomically, so a kill here loses
+    no row of the steps kept.
+    """
     if path.is_file():
-        lines = [x for x in path.read_text().splitlines() if x.strip()]
-        keep = [x for x in lines if json.loads(x)["step"] <= step]
-        path.write_text("".join(f"{x}\n" for x in keep))
+        keep = [row for row in read_metrics(path) if row["step"] <= step]
+        text = "".join(json.dumps(row) + "\n" for row in keep).encode()
+        write_atomic(path, lambda f: f.write(text))
 
 
-def start_run(cfg: TrainConfig, ctx: Context, resume: bool, overwrite: bool) -> Run:
-    """Data, resolved config, model, optimizer and (on resume) the saved state of a run."""
+def start_run(cfg: TrainConfig, ctx: Context, resume: bool, force: bool) -> Run:
+    """Data, resolved config, model, optimizer and (on resume) the saved state of a run.
+
+    An earlier run's files are deleted (`force`) only once data, config and model are known to
+    be good, so a `--force` with a typo costs nothing.
+    """
     out, o = Path(cfg.run.out), cfg.optim
-    prepare_out(out, resume, overwrite, ctx)
+    check_out(out, resume, force)
     if o.batch_size % (o.micro_batch * ctx.world_size):
         raise ConfigError("optim.batch_size must be a multiple of micro_batch x world size")
     reader = open_data(cfg.data.root)
@@ -479,6 +533,8 @@ def start_run(cfg: TrainConfig, ctx: Context, resume: bool, overwrite: bool) -> 
                                      num_workers=cfg.data.num_workers, persistent=True)  # fmt: skip
         run.val_labels = np.array([label for _, label in items], dtype=np.int64)
     if ctx.is_main:
+        if not resume:
+            clear_out(out)
         open_run_folder(run, notes, resume)
     return run
 
@@ -487,10 +543,11 @@ def open_run_folder(run: Run, notes: list[str], resume: bool) -> None:
     """Rank 0: config.json (resolved config and class names), TensorBoard, the init notes."""
     run.out.mkdir(parents=True, exist_ok=True)
     info = {**to_dict(run.cfg), "classes": run.classes}
-    (run.out / "config.json").write_text(json.dumps(info, indent=1) + "\n")
+    text = (json.dumps(info, indent=1) + "\n").encode()
+    write_atomic(run.out / "config.json", lambda f: f.write(text))
     if resume:
         truncate_metrics(run.out / "metrics.jsonl", run.step)
-    run.writer = tensorboard_writer(run.out)
+    run.writer = tensorboard_writer(run.out, purge_step=run.step + 1 if resume else None)
     for line in notes:
         print(line)
 
@@ -533,7 +590,7 @@ def train_step(run: Run, stream, autocast) -> dict:
         dist.all_reduce(stats)
     loss_mean = stats[0].item() / (run.accum * ctx.world_size)
     if not math.isfinite(loss_mean):
-        raise RuntimeError(f"loss is {loss_mean} at step {run.step}; lower optim.lrs")
+        raise TrainingError(f"loss is {loss_mean} at step {run.step}; lower optim.lrs")
     step_s = time.perf_counter() - t0
     return {
         "step": run.step,
@@ -596,16 +653,20 @@ def after_step(run: Run, record: dict, clock: tuple[float, int], autocast) -> No
             dist.barrier()
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+def train(
+    cfg: TrainConfig, *, resume: bool = False, force: bool = False, overwrite: bool = False
+) -> dict:
     """Run (or resume) one training phase; return a summary with the final step and metrics.
 
     Writes `config.json`, `metrics.jsonl`, `checkpoint.pt`, `best.pt` (with `run.val_every`)
     and `curves.png` to `cfg.run.out`. `cfg` is copied, then resolved from the data and init
-    checkpoints (`strnet.resolve`); a folder holding checkpoint.pt needs `resume` or `overwrite`.
+    checkpoints (`strnet.resolve`). A folder holding a run's files needs `resume` (which refuses
+    a changed batch, schedule or architecture) or `force` (`overwrite` is its older name).
     """
-    cfg = copy.deepcopy(cfg)
+    cfg, force = copy.deepcopy(cfg), force or overwrite
+    check_out(Path(cfg.run.out), resume, force)
     ctx = setup_device(cfg.run.device)
-    run = start_run(cfg, ctx, resume, overwrite)
+    run = start_run(cfg, ctx, resume, force)
     autocast = autocast_for(ctx.device)
     from tqdm import tqdm
 
@@ -640,12 +701,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     metavar="KEY=VALUE",
     help="Override a config value, e.g. --set optim.lrs=[0.01,0.001]; repeatable.",
 )
-@click.option("--resume", is_flag=True, help="Continue exactly from OUT/checkpoint.pt.")
 @click.option(
-    "--overwrite",
+    "--resume",
     is_flag=True,
-    help="Replace a run folder that already holds checkpoint.pt (its metrics, checkpoints and "
-    "curves are deleted first).",
+    help="Continue exactly from OUT/checkpoint.pt; refuses a changed batch, learning-rate "
+    "schedule or architecture.",
+)
+@click.option(
+    "--force",
+    "--overwrite",
+    "force",
+    is_flag=True,
+    help="Replace the run in OUT (its checkpoints, metrics, curves and config are deleted once "
+    "the new run has started). --overwrite is the older name.",
 )
 @click.option(
     "--out",
@@ -655,26 +723,42 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     help="Run folder (overrides run.out).",
 )
 @click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default=None,
+    help="Where to train (overrides run.device); cuda without a GPU is a usage error (exit 2).",
+)
+@click.option(
     "-q", "--quiet", is_flag=True, help="No progress bar: one plain line per run.log_every steps."
 )
 def train_command(
-    config: str, overrides: tuple, resume: bool, overwrite: bool, out: str | None, quiet: bool
-):
+    config: str, overrides: tuple, resume: bool, force: bool, out: str | None,
+    device: str | None, quiet: bool,
+):  # fmt: skip
     """Train one phase: CONFIG is a TOML file or a shipped phase (motion, appearance,
-    st-resnet, st-resnet-star). Under torchrun every rank runs this command."""
-    if resume and overwrite:
-        raise click.UsageError("--resume continues a run and --overwrite replaces it: choose one")
+    st-resnet, st-resnet-star). Under torchrun every rank runs this command.
+
+    Exit status: 0 done; 1 a bad config, list, data or checkpoint, a run folder that needs
+    --resume or --force, or a --resume that changes the run's settings (one line each); 2 a usage
+    error (bad or conflicting options, --device cuda without a GPU).
+    """
+    if resume and force:
+        raise click.UsageError("--resume continues a run and --force replaces it: choose one")
     extra = list(overrides) + ([f"run.out={json.dumps(out)}"] if out else [])
+    extra += [f"run.device={json.dumps(device)}"] if device else []
     extra += ["run.progress=false"] if quiet else []
     try:
         cfg = load_config(config, extra)
         with warnings.catch_warnings():
             warnings.showwarning = show_warning_line
-            summary = train(cfg, resume=resume, overwrite=overwrite)
-    except (ConfigError, CheckpointError, WeightsError, ValueError) as exc:
+            summary = train(cfg, resume=resume, force=force)
+    except (ConfigError, CheckpointError, WeightsError, TrainingError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyError as exc:
         raise click.ClickException(str(exc.args[0]) if exc.args else "missing key") from None
+    except OSError as exc:  # a read-only or full run folder, an unreadable list
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise click.ClickException(f"{where}{exc.strerror or exc}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

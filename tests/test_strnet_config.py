@@ -70,9 +70,27 @@ def test_overrides_are_typed():
         ("optim.micro_batch=48", "optim.batch_size must be a multiple of micro_batch"),
         ("optim.lrs=[0.1]", "optim.lrs and optim.iterations need equal length"),
         ("data.crop=random", "bad data.crop 'random'"),
-        ("model.num_classes=-1", "model.num_classes must be >= 0 (0 = from the data)"),
-        ("model.width=-8", "model.width must be >= 0 (0 = from init or 64)"),
-        ("run.val_every=-1", "run.val_every must be >= 0 (0 = off)"),
+        ("model.num_classes=-1", "model.num_classes must be >= 0 (0 = from the data), got -1"),
+        ("model.width=-8", "model.width must be >= 0 (0 = from init or 64), got -8"),
+        ("run.val_every=-1", "run.val_every must be >= 0 (0 = off), got -1"),
+        # zero or negative counts and periods a loop divides by or steps by (issue 13)
+        ("run.log_every=0", "run.log_every must be >= 1, got 0"),
+        ("run.ckpt_every=-5", "run.ckpt_every must be >= 1, got -5"),
+        ("optim.micro_batch=0", "optim.micro_batch must be >= 1, got 0"),
+        ("optim.batch_size=0", "optim.batch_size must be >= 1, got 0"),
+        ("optim.iterations=[0, 5]", "optim.iterations[0] must be >= 1, got 0"),
+        ("optim.lrs=[0.1, -1]", "optim.lrs[1] must be a finite number > 0, got -1.0"),
+        ("optim.lrs=[nan, 0.1]", "optim.lrs[0] must be a finite number > 0, got nan"),
+        ("optim.weight_decay=-1", "optim.weight_decay must be a finite number >= 0, got -1.0"),
+        ("data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
+        ("data.split=0", "data.split must be >= 1, got 0"),
+        ("data.crop_size=0", "data.crop_size must be >= 1, got 0"),
+        ("data.test_chunks=0", "data.test_chunks must be >= 1, got 0"),
+        ("data.num_chunks=0", "data.num_chunks must be >= 1, got 0"),
+        ("model.in_channels=-3", "model.in_channels must be >= 0 (0 = from the data), got -3"),
+        ("run.seed=-1", "run.seed must be >= 0, got -1"),
+        ("run.max_steps=-1", "run.max_steps must be >= 0 (0 = full schedule), got -1"),
+        ("run.precise_bn=-2", "run.precise_bn must be >= 0 (0 = off), got -2"),
     ],
 )
 def test_bad_values_fail_with_one_line(override, message):
@@ -113,3 +131,17 @@ def test_unset_fields_are_left_to_the_data_and_init_checkpoints():
     assert is_set(built, "data.flow_stack")
     # a run's config.json holds the class names beside the settings
     assert config_from_dict({**to_dict(cfg), "classes": ["a", "b"]}) == cfg
+
+
+def test_zero_periods_fail_where_the_config_is_read(tmp_path):
+    """A TOML file and a stored config (a checkpoint's) are checked like overrides."""
+    toml = tmp_path / "zero.toml"
+    toml.write_text("[run]\nlog_every = 0\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(toml)
+    assert str(exc.value) == "run.log_every must be >= 1, got 0"
+    values = to_dict(load_config("motion"))
+    values["run"]["ckpt_every"] = 0
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(values)
+    assert str(exc.value) == "run.ckpt_every must be >= 1, got 0"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import cv2
@@ -15,9 +17,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import strnet.train
 from flowprep.shards import pack, read_index
 from strnet.checkpoint import load_checkpoint
 from strnet.config import ConfigError, load_config, to_dict
+from strnet.evaluate import eval_command
 from strnet.resolve import resolve_run
 from strnet.runtime import open_data
 from strnet.train import (
@@ -396,7 +400,7 @@ def test_quiet_progress_lines_short_video_warning_and_overwrite(clips, tmp_path)
     assert r.exit_code == 1
     assert r.output.strip() == (
         f"Error: run folder '{out}' already holds checkpoint.pt: use --resume to continue it or "
-        "a new --out (--overwrite replaces it)"
+        "a new --out (--force replaces it)"
     )
     (out / "best.pt").write_bytes(b"old")
     r = runner.invoke(train_command, [*args, "--overwrite", "--set", "optim.iterations=[2]"])
@@ -405,4 +409,240 @@ def test_quiet_progress_lines_short_video_warning_and_overwrite(clips, tmp_path)
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2]
     r = runner.invoke(train_command, [*args, "--overwrite", "--resume"])
-    assert r.exit_code == 2 and "--resume continues a run and --overwrite replaces it" in r.output
+    assert r.exit_code == 2 and "--resume continues a run and --force replaces it" in r.output
+
+
+# --------------------------------------------------------------------------- issue 13
+RESUME_HINT = "; --resume keeps a run's settings (--force starts it over)"
+SHORT = ["optim.batch_size=2", "optim.micro_batch=2", "optim.lrs=[0.05]", "optim.iterations=[2]"]
+
+
+def cli_sets(clips: Path, *extra: str) -> list[str]:
+    """`--set` arguments of `tiny` for the motion phase on the CLI."""
+    sets = [
+        f"data.root={json.dumps(str(clips))}", "data.num_workers=0", "data.crop_size=32",
+        "data.flow_stack=3", "model.width=8", "model.bn_sub_batch=0", "model.init=''",
+        "run.progress=false", "run.log_every=1", *SHORT, *extra,
+    ]  # fmt: skip
+    return [x for s in sets for x in ("--set", s)]
+
+
+def test_cuda_without_a_gpu_is_a_usage_error_in_one_line(clips, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = (
+        "Error: device 'cuda' asked for but no GPU is available "
+        "(torch.cuda.is_available() is False): use device cpu or auto"
+    )
+    runner, out = CliRunner(), tmp_path / "run"
+    for args in (["--device", "cuda"], ["--set", "run.device=cuda"]):
+        r = runner.invoke(train_command, ["motion", "--out", str(out), *cli_sets(clips), *args])
+        assert (r.exit_code, r.output.strip()) == (2, line)
+    assert not out.exists()  # refused before anything was written
+    ckpt = fake_checkpoint(tmp_path / "m.pt", tiny(clips, tmp_path / "m", config="motion"))
+    r = runner.invoke(
+        eval_command, [str(ckpt), "--split", "1", "--data", str(clips), "--device", "cuda"]
+    )
+    assert (r.exit_code, r.output.strip()) == (2, line)
+
+
+def test_zero_periods_and_bad_list_labels_are_one_line_naming_key_or_line(clips, tmp_path):
+    runner, out = CliRunner(), tmp_path / "run"
+    r = runner.invoke(
+        train_command, ["motion", "--out", str(out), *cli_sets(clips, "run.log_every=0")]
+    )
+    assert (r.exit_code, r.output.strip()) == (1, "Error: run.log_every must be >= 1, got 0")
+    lst = tmp_path / "list.txt"
+    for label, sets, message in [
+        ("7", ["model.num_classes=2"],
+         "label 7 of 'c1/v_c1_g00' is out of range: model.num_classes is 2 (labels 0-1)"),
+        ("-1", [], "label -1 of 'c1/v_c1_g00' is negative"),
+        ("x", [], "label 'x' of 'c1/v_c1_g00' is not an integer"),
+    ]:  # fmt: skip
+        lst.write_text(f"c0/v_c0_g00 10 0\n\nc1/v_c1_g00 10 {label}\n")
+        args = cli_sets(clips, f"data.train_list={json.dumps(str(lst))}", *sets)
+        r = runner.invoke(train_command, ["motion", "--out", str(out), *args])
+        assert (r.exit_code, r.output.strip()) == (1, f"Error: {lst}:3: {message}"), r.output
+    # resumed: the run's classifier has 2 classes, a list now holds label 2
+    base = [*SHORT, "model.width=8", "data.flow_stack=3"]
+    train(unset(clips, out, *base, config="motion"))
+    lst.write_text("c0/v_c0_g00 10 0\nc1/v_c1_g00 10 1\nc1/v_c1_g01 10 2\n")
+    grown = unset(clips, out, *base, f"data.test_list={json.dumps(str(lst))}", config="motion")
+    with pytest.raises(ConfigError) as exc:
+        train(grown, resume=True)
+    assert str(exc.value) == (
+        f"{lst}:3: label 2 of 'c1/v_c1_g01' is out of range: '{out / 'checkpoint.pt'}' "
+        "(the run's checkpoint) has 2 classes (labels 0-1)"
+    )
+
+
+def test_train_refuses_an_existing_run_folder_unless_resume_or_force(clips, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    train(tiny(clips, out, *SHORT, config="motion"))  # an empty folder is not a run
+    for name in ("checkpoint.pt", "best.pt", "curves.png"):
+        (out / name).unlink(missing_ok=True)
+    # what a run killed before its first checkpoint leaves; a file of the user's beside it
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "old": True}) + "\n")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError) as exc:
+        train(tiny(clips, out, *SHORT, config="motion"))
+    assert str(exc.value) == (
+        f"run folder '{out}' already holds metrics.jsonl, config.json of a run with no "
+        "checkpoint to resume: use --force to replace it or a new --out"
+    )
+    # --force deletes nothing until the new run's data, config and model are good
+    with pytest.raises(ConfigError, match="data root"):
+        train(tiny(tmp_path / "typo", out, *SHORT, config="motion"), force=True)
+    assert "old" in (out / "metrics.jsonl").read_text()
+    runner = CliRunner()
+    for flag in ("--force", "--overwrite"):  # --overwrite: the older name
+        r = runner.invoke(
+            train_command, ["motion", "-q", "--out", str(out), flag, *cli_sets(clips)]
+        )
+        assert r.exit_code == 0, r.output
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2] and not any("old" in r for r in rows)
+    assert (out / "notes.txt").read_text() == "mine"
+    r = runner.invoke(train_command, ["motion", "-q", "--out", str(out), *cli_sets(clips)])
+    assert r.exit_code == 1 and "already holds checkpoint.pt" in r.output
+    r = runner.invoke(train_command, ["motion", "--out", str(out), "--force", "--resume"])
+    assert r.exit_code == 2 and "--resume continues a run and --force replaces it" in r.output
+
+
+def test_resume_refuses_a_changed_batch_schedule_or_architecture(clips, tmp_path):
+    out, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoint.pt"
+    base = [*SHORT[:2], "optim.lrs=[0.05,0.01]", "optim.iterations=[2,4]"]
+    train(tiny(clips, out, *base, "run.max_steps=2", config="motion"))
+    saved = ckpt.read_bytes()
+    for extra, key, new, old in [
+        ("optim.batch_size=4", "optim.batch_size", 4, 2),
+        ("optim.lrs=[0.1,0.01]", "optim.lrs", [0.1, 0.01], [0.05, 0.01]),
+        ("optim.iterations=[3,4]", "optim.iterations", [3, 4], [2, 4]),
+        ("optim.momentum=0.5", "optim.momentum", 0.5, 0.9),
+        ("model.name='resnet18'", "model.name", "resnet18", "resnet50"),
+        ("model.width=16", "model.width", 16, 8),
+        ("data.flow_stack=2", "data.flow_stack", 2, 3),
+        ("model.bn_sub_batch=1", "model.bn_sub_batch", 1, 0),
+    ]:
+        with pytest.raises(ConfigError) as exc:
+            train(tiny(clips, out, *base, extra, "run.max_steps=4", config="motion"), resume=True)
+        expected = f"{key} is {new} but '{ckpt}' (the run's checkpoint) has {old}{RESUME_HINT}"
+        assert str(exc.value) == expected
+    assert ckpt.read_bytes() == saved  # refused before anything changed
+    r = CliRunner().invoke(
+        train_command,
+        ["motion", "--out", str(out), "--resume", *cli_sets(clips, "optim.batch_size=4")],
+    )
+    assert r.exit_code == 1
+    assert r.output.strip() == (
+        f"Error: optim.batch_size is 4 but '{ckpt}' (the run's checkpoint) has 2{RESUME_HINT}"
+    )
+    # a longer run, other logging and other augmentation are fine
+    resumed = train(
+        tiny(clips, out, *base, "run.log_every=2", "data.flip_p=0.0", "run.max_steps=4",
+             config="motion"),
+        resume=True,
+    )  # fmt: skip
+    assert resumed["step"] == 4
+
+
+class Killed(Exception):
+    """Stands for a SIGKILL in the middle of a run."""
+
+
+def fake_tensorboard(monkeypatch) -> dict:
+    """A `torch.utils.tensorboard` whose SummaryWriter keeps events in memory, per log dir.
+
+    `purge_step` hides the events of that step and later, as TensorBoard's does.
+    """
+    events: dict[str, list] = {}
+
+    class SummaryWriter:
+        def __init__(self, log_dir, purge_step=None):
+            self.rows = events.setdefault(str(log_dir), [])
+            if purge_step is not None:
+                self.rows[:] = [row for row in self.rows if row[1] < purge_step]
+
+        def add_scalar(self, tag, value, step):
+            self.rows.append((tag, step, value))
+
+        def close(self):
+            pass
+
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.SummaryWriter = SummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    return events
+
+
+def test_metrics_hold_each_step_once_after_a_kill_and_resume(clips, tmp_path, monkeypatch):
+    """Killed at step 4 (checkpoint of step 2), a torn last line: the resumed run's metrics and
+    TensorBoard events equal an uninterrupted run's, each step once."""
+    events = fake_tensorboard(monkeypatch)
+    base = [
+        *SHORT[:2], "optim.lrs=[0.05,0.01]", "optim.iterations=[3,3]", "run.ckpt_every=2",
+        "run.val_every=3", "data.test_chunks=2",
+    ]  # fmt: skip
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(tiny(clips, full, *base, config="motion"))
+    save = strnet.train.save_checkpoint
+
+    def save_or_die(path, state):
+        if Path(path).name == "checkpoint.pt" and state["step"] == 4:
+            raise Killed
+        return save(path, state)
+
+    monkeypatch.setattr(strnet.train, "save_checkpoint", save_or_die)
+    with pytest.raises(Killed):
+        train(tiny(clips, part, *base, config="motion"))
+    monkeypatch.setattr(strnet.train, "save_checkpoint", save)
+    assert load_checkpoint(part / "checkpoint.pt")["step"] == 2
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lr": 0.0')  # a line a kill or a full disk cut short
+    train(tiny(clips, part, *base, config="motion"), resume=True)
+
+    def rows(run: Path) -> list[dict]:
+        keys = ("step", "lr", "loss", "acc", "epoch", "val_top1")
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [{k: row.get(k) for k in keys} for row in map(json.loads, lines)]
+
+    assert [row["step"] for row in rows(part)] == [1, 2, 3, 4, 5, 6]
+    assert rows(part) == rows(full)
+    assert [row["step"] for row in rows(part) if row["val_top1"] is not None] == [3, 6]
+
+    def scalars(run: Path) -> list:
+        timing = ("samples_per_s", "step_s", "data_s")
+        return sorted((t, s, v) for t, s, v in events[str(run / "tb")] if t not in timing)
+
+    assert scalars(part) == scalars(full)
+    tags_steps = [(t, s) for t, s, _ in scalars(part)]
+    assert len(tags_steps) == len(set(tags_steps))
+
+
+def test_a_planted_temp_symlink_is_not_followed(clips, tmp_path):
+    out, victim = tmp_path / "run", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("precious")
+    (out / ".checkpoint.pt.tmp").symlink_to(victim)
+    train(tiny(clips, out, *SHORT, config="motion"))
+    assert victim.read_text() == "precious"
+    assert not (out / "checkpoint.pt").is_symlink()
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
+
+
+def test_a_nonfinite_loss_and_a_full_disk_are_one_line(clips, tmp_path, monkeypatch):
+    runner, out = CliRunner(), tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(strnet.train, "clip_loss", lambda scores, labels: sum(
+            s.float().mean() for s in scores.values()) * float("nan"))  # fmt: skip
+        r = runner.invoke(train_command, ["motion", "--out", str(out), *cli_sets(clips)])
+    assert (r.exit_code, r.output.strip()) == (1, "Error: loss is nan at step 1; lower optim.lrs")
+
+    def full_disk(path, write):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(strnet.train, "write_atomic", full_disk)
+    r = runner.invoke(train_command, ["motion", "--out", str(out), "--force", *cli_sets(clips)])
+    assert (r.exit_code, r.output.strip()) == (
+        1, f"Error: {out / 'config.json'}: {os.strerror(errno.ENOSPC)}"
+    )  # fmt: skip
