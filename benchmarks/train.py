@@ -91,7 +91,9 @@ def step_rate(cfg, steps: int) -> dict:
 
 @click.command()
 @click.option("--data", type=click.Path(exists=True), default=None, help="Frame folder root.")
-@click.option("--phases", default=",".join(PHASES), show_default=True, help="Comma list.")
+@click.option("--phases", default=",".join(PHASES), show_default=True,
+              help="Comma list; PHASE@MODEL runs a phase with another model.name, e.g. "
+              "st-resnet@two_stream_resnet50,fusion,fusion-3d.")  # fmt: skip
 @click.option("--width", type=int, default=16, show_default=True, help="Model width (64=paper).")
 @click.option("--crop-size", type=int, default=112, show_default=True, help="Input side.")
 @click.option("--micro-batch", type=int, default=4, show_default=True, help="Clips per step.")
@@ -104,21 +106,23 @@ def main(data, phases, width, crop_size, micro_batch, steps, workers, device, js
     tmp = tempfile.TemporaryDirectory()
     root = data or str(synthetic_folder(Path(tmp.name) / "data", 24, 40, 256, 340))
     results = []
-    for phase in phases.split(","):
-        cfg = load_config(phase, [
-            f"data.root={json.dumps(root)}", f"run.out={json.dumps(tmp.name + '/' + phase)}",
+    for item in phases.split(","):
+        phase, _, model = item.partition("@")
+        out = Path(tmp.name) / item.replace("@", "_")
+        cfg = load_config(phase, [*([f"model.name={json.dumps(model)}"] if model else []),
+            f"data.root={json.dumps(root)}", f"run.out={json.dumps(str(out))}",
             f"data.crop_size={crop_size}", f"data.num_workers={workers}", f"model.width={width}",
             "model.num_classes=2", "model.init=''",
             "model.init_appearance=''", "model.init_motion=''", f"optim.batch_size={micro_batch}",
             f"optim.micro_batch={micro_batch}", "model.bn_sub_batch=0", "run.progress=false",
             f"run.device={json.dumps(device)}",
         ])  # fmt: skip
-        row = {"phase": phase, "loader_samples_per_s": loader_rate(cfg, steps * 4)}
+        row = {"phase": item, "loader_samples_per_s": loader_rate(cfg, steps * 4)}
         row.update(step_rate(cfg, steps))
         row["data_bound"] = row["loader_samples_per_s"] < row["samples_per_s"]
         results.append(row)
         click.echo(
-            f"{phase:15s} loader {row['loader_samples_per_s']:8.1f} clips/s   step "
+            f"{item:15s} loader {row['loader_samples_per_s']:8.1f} clips/s   step "
             f"{row['step_s'] * 1000:8.1f} ms ({row['samples_per_s']:6.1f} clips/s, data wait "
             f"{row['data_s'] * 1000:6.1f} ms)"
         )

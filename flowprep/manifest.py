@@ -292,15 +292,23 @@ def detect_format(split_dir: Path | None) -> str:
         return "ucf101"
     if any(_HMDB_SPLIT.match(p.name) for p in split_dir.iterdir()):
         return "hmdb51"
+    from flowprep.kinetics import kinetics_csvs  # Kinetics CSVs (imports this module)
+
+    if kinetics_csvs(split_dir):
+        return "kinetics"
     raise ManifestError(
-        f"{split_dir}: neither classInd.txt (UCF101) nor *_test_split1.txt (HMDB51)"
+        f"{split_dir}: neither classInd.txt (UCF101), *_test_split1.txt (HMDB51) nor CSV files "
+        "with a youtube_id column (Kinetics)"
     )
 
 
 def build_manifest(
-    video_root: Path, split_dir: Path | None = None, fmt: str = "auto"
+    video_root: Path, split_dir: Path | None = None, fmt: str = "auto", missing: list | None = None
 ) -> list[VideoEntry]:
     """Index a corpus in the layout `fmt` (auto-detected from `split_dir` by default).
+
+    Kinetics (`flowprep.kinetics`): clips the CSVs list but `video_root` lacks are left out of
+    the entries and appended to `missing` (`<clip> <file:line>` lines) when it is given.
 
     Entries the manifest reader would refuse (`entry_problem`: a file name with whitespace or
     control characters) and id sets where one id is a folder of another are refused here.
@@ -313,6 +321,11 @@ def build_manifest(
         entries = index_folder(video_root)
     elif split_dir is None:
         raise ManifestError(f"format {fmt!r} needs the folder holding its split files (--splits)")
+    elif fmt == "kinetics":
+        from flowprep.kinetics import index_kinetics
+
+        entries, absent = index_kinetics(video_root, Path(split_dir))
+        (missing if missing is not None else []).extend(absent)
     else:
         entries = {"ucf101": index_ucf101, "hmdb51": index_hmdb51}[fmt](Path(split_dir))
     for entry in entries:

@@ -4,7 +4,9 @@ Single streams (`resnet50`, input channels chosen by the data: 3 RGB or 2L flow)
 models: `two_stream_resnet50` (late-fusion baseline), `st_resnet50` (eq. 2 + eq. 5),
 `st_resnet50_star` (+ temporal max-pool on the conv5 map, window 5, stride 2) and `stm_resnet50`
 (STM-ResNet as STMulNet.m: multiplicative gating, identity temporal convs, max-pool 5, stride 1).
-`create_model` checks its arguments and names the first bad one in one line.
+3D ResNets `resnet3d18` / `resnet3d34` (Hara et al. 2017, `strnet.resnet3d`) take RGB clips
+(B, 3, 16, 112, 112) and return (B, K). `create_model` checks its arguments and names the first
+bad one in one line.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from functools import partial
 
 from torch import nn
 
+from strnet.fusion import FUSION_ARGS, fusion_net
 from strnet.layers import RESIDUAL_INPUTS
 from strnet.resnet import DEPTHS, STM_TEMPORAL_POOL, TEMPORAL_POOL, Bottleneck, resnet
+from strnet.resnet3d import DEPTHS3D, resnet3d
 from strnet.st_resnet import TwoStream
+from strnet.vgg import vgg
 
 FLOW_STACK = 10  # L flows per motion input (Sec. 3.1)
 KINDS = {  # two-stream kind -> (links, temporal convs, temporal pool)
@@ -56,6 +61,12 @@ STREAM_ARGS = ("num_classes", "width", "bn_sub_batch", "stride_in_1x1")
 SINGLE_ARGS = (*STREAM_ARGS, "in_channels")
 TWO_STREAM_ARGS = (*STREAM_ARGS, "flow_stack")
 LINKED_ARGS = (*TWO_STREAM_ARGS, "residual_input")
+RESNET3D_ARGS = ("num_classes", "width", "in_channels")
+FUSION_KEYS = FUSION_ARGS  # Two-Stream Fusion: fusion, fuse_at, truncate, ... (strnet.fusion)
+VGG_FUSION_ARGS = ("num_classes", "width", "flow_stack", *FUSION_KEYS, "dropout", "motion_net")
+VGG_ARGS = ("num_classes", "width", "in_channels", "dropout")
+RESNET_FUSION_ARGS = (*TWO_STREAM_ARGS, *FUSION_KEYS)
+CHECKED_BY_BUILDER = (*FUSION_KEYS, "dropout", "motion_net")  # strnet.fusion checks these
 
 
 def _registry() -> dict[str, tuple[Callable[..., nn.Module], tuple[str, ...]]]:
@@ -67,17 +78,28 @@ def _registry() -> dict[str, tuple[Callable[..., nn.Module], tuple[str, ...]]]:
         reg[f"st_resnet{depth}"] = (partial(two_stream, depth, kind="st"), LINKED_ARGS)
         reg[f"st_resnet{depth}_star"] = (partial(two_stream, depth, kind="st_star"), LINKED_ARGS)
         reg[f"stm_resnet{depth}"] = (partial(two_stream, depth, kind="stm"), LINKED_ARGS)
+    for depth in DEPTHS3D:  # 3D ResNets (Hara et al. 2017): clips (B, 3, 16, 112, 112) -> (B, K)
+        reg[f"resnet3d{depth}"] = (partial(resnet3d, depth), RESNET3D_ARGS)
+    for backbone in ("vggm2048", "vgg16"):  # Two-Stream Fusion (CVPR 2016), Sec. 3.1-3.5
+        reg[backbone] = (partial(vgg, backbone), VGG_ARGS)  # one tower: 3 RGB or 2L flow
+        reg[f"fusion_{backbone}"] = (partial(fusion_net, backbone), VGG_FUSION_ARGS)
+    reg["fusion_resnet50"] = (partial(fusion_net, "resnet50"), RESNET_FUSION_ARGS)
     return reg
 
 
 REGISTRY = _registry()
 MODEL_NAMES = tuple(REGISTRY)
-TWO_STREAM_PREFIXES = ("two_stream_", "st_", "stm_")
+TWO_STREAM_PREFIXES = ("two_stream_", "st_", "stm_", "fusion_")
 
 
 def is_two_stream(name: str) -> bool:
     """Whether a registry name takes (rgb, flow) and returns per-stream scores."""
     return name.startswith(TWO_STREAM_PREFIXES)
+
+
+def is_3d(name: str) -> bool:
+    """Whether a registry name is a 3D ResNet: clips (B, C, T, H, W) -> scores (B, K)."""
+    return name.startswith("resnet3d")
 
 
 def model_arguments(name: str) -> tuple[str, ...]:
@@ -93,7 +115,7 @@ def check_arguments(name: str, kwargs: dict) -> None:
     for key, value in kwargs.items():
         if key not in known:
             raise ValueError(f"{name}: unknown argument {key!r}; known: {', '.join(known)}")
-        if key == "bn_sub_batch" and value is None:
+        if (key == "bn_sub_batch" and value is None) or key in CHECKED_BY_BUILDER:
             continue
         if key == "stride_in_1x1":
             if not isinstance(value, bool):

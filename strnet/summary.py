@@ -13,8 +13,9 @@ import click
 import torch
 from torch import nn
 
+from strnet.config import tomllib
 from strnet.layers import TemporalConv
-from strnet.models import MODEL_NAMES, create_model, is_two_stream
+from strnet.models import MODEL_NAMES, create_model, is_3d, is_two_stream, model_arguments
 from strnet.resnet import ResNet
 
 
@@ -56,7 +57,7 @@ def stream_rows(stream: ResNet, name: str) -> tuple[list[StageRow], Callable[[],
 
     def hook(stage: str):
         def record(module, args, out) -> None:
-            if stage == "fc":
+            if stage == "fc" or out.dim() <= 3:  # scores or vectors (bilinear fusion)
                 chunks = out.shape[1] if out.dim() == 3 else 1
                 rows.append(StageRow(name, stage, 1, 1, chunks, out.shape[-1]))
                 return
@@ -65,8 +66,13 @@ def stream_rows(stream: ResNet, name: str) -> tuple[list[StageRow], Callable[[],
 
         return record
 
-    for stage, attr in STAGE_MODULES.items():
-        handles.append(getattr(stream, attr).register_forward_hook(hook(stage)))
+    if hasattr(stream, "summary_modules"):  # VGG towers and fusion layers name their own rows
+        targets = stream.summary_modules()
+    else:
+        targets = {stage: getattr(stream, attr) for stage, attr in STAGE_MODULES.items()}
+    for stage, module in targets.items():
+        if module is not None:  # a tower truncated after fusion lacks its later stages
+            handles.append(module.register_forward_hook(hook(stage)))
 
     def remove() -> None:
         for h in handles:
@@ -92,7 +98,7 @@ def count_macs(model: nn.Module, run: Callable[[], object]) -> int:
 
     def hook(module: nn.Module, args, out) -> None:
         nonlocal total
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, nn.Conv2d | nn.Conv3d):
             k = module.weight[0].numel()  # in/groups * kh * kw
             total += out.numel() * k
         elif isinstance(module, TemporalConv):
@@ -103,7 +109,7 @@ def count_macs(model: nn.Module, run: Callable[[], object]) -> int:
     handles = [
         m.register_forward_hook(hook)
         for m in model.modules()
-        if isinstance(m, nn.Conv2d | TemporalConv | nn.Linear)
+        if isinstance(m, nn.Conv2d | nn.Conv3d | TemporalConv | nn.Linear)
     ]
     try:
         run()
@@ -124,13 +130,25 @@ def summarize(
     flow_stack: int = 10,
     in_channels: int = 3,
     stride_in_1x1: bool = False,
+    model_kw: dict | None = None,
 ) -> dict:
     """Parameters, MACs per clip and per-stage output sizes of registry model `name`.
 
+    `model_kw`: further `create_model` arguments (a fusion_* model's fusion, fuse_at, ...).
+
     The model runs one whole forward (a two-stream model with its motion links) while hooks
     record the multiply-adds of every conv and linear layer and the stages' output sizes.
+    A 3D ResNet (`resnet3d*`) sees one clip of `chunks` frames (`summarize_3d`).
     """
+    if is_3d(name):
+        return summarize_3d(
+            name, frames=chunks, height=height, width=width, num_classes=num_classes,
+            base_width=base_width, in_channels=in_channels,
+        )  # fmt: skip
     kw = dict(num_classes=num_classes, width=base_width, stride_in_1x1=stride_in_1x1)
+    if "stride_in_1x1" not in model_arguments(name):  # VGG fusion towers
+        kw.pop("stride_in_1x1")
+    kw.update(model_kw or {})
     if is_two_stream(name):
         model = create_model(name, flow_stack=flow_stack, **kw)
         streams = {"appearance": model.appearance, "motion": model.motion}
@@ -144,6 +162,8 @@ def summarize(
         inputs = (torch.zeros(1, chunks, in_channels, height, width),)
     model.eval()
     recorders = {key: stream_rows(net, key) for key, net in streams.items()}
+    if hasattr(model, "summary_modules"):  # a fusion_* model: the fusion layer's output
+        recorders["fusion"] = stream_rows(model, "fusion")
 
     def run() -> None:
         with torch.no_grad():
@@ -154,21 +174,102 @@ def summarize(
     finally:
         for _, remove in recorders.values():
             remove()
+    per_stream = {key: sum(p.numel() for p in net.parameters()) for key, net in streams.items()}
+    total = sum(p.numel() for p in model.parameters())
+    if total > sum(per_stream.values()):  # fusion layers and classifiers outside the towers
+        per_stream["fusion"] = total - sum(per_stream.values())
     return {
         "name": name,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "stream_parameters": {
-            key: sum(p.numel() for p in net.parameters()) for key, net in streams.items()
-        },
+        "parameters": total,
+        "stream_parameters": per_stream,
         "macs": macs,
         "input": f"{chunks} chunks of {height} x {width}",
         "rows": [row for rows, _ in recorders.values() for row in rows],
     }
 
 
+# --- 3D ResNets (Hara et al. 2017): one clip (1, C, T, H, W), scores (1, K) ---
+SIZES_3D = {"chunks": 16, "height": 112, "frame_width": 112, "num_classes": 400}  # Sec. 3.1
+
+
+def clip_rows(model: nn.Module, name: str) -> tuple[list[StageRow], Callable[[], None]]:
+    """`stream_rows` of a 3D ResNet, whose stages give (B, C, T, H, W) and whose fc (B, K)."""
+    rows: list[StageRow] = []
+
+    def hook(stage: str):
+        def record(module, args, out) -> None:
+            if out.dim() == 2:
+                rows.append(StageRow(name, stage, 1, 1, 1, out.shape[1]))
+            else:
+                rows.append(StageRow(name, stage, *out.shape[:1:-1], out.shape[1]))
+
+        return record
+
+    handles = [
+        getattr(model, attr).register_forward_hook(hook(stage))
+        for stage, attr in STAGE_MODULES.items()
+    ]
+    return rows, lambda: [h.remove() for h in handles]
+
+
+def summarize_3d(
+    name: str, *, frames: int = 16, height: int = 112, width: int = 112, num_classes: int = 400,
+    base_width: int = 64, in_channels: int = 3,
+) -> dict:  # fmt: skip
+    """`summarize` for a 3D ResNet: parameters, MACs and stage sizes (W x H x T, C) of a clip."""
+    model = create_model(name, num_classes=num_classes, width=base_width, in_channels=in_channels)
+    model.eval()
+    rows, remove = clip_rows(model, "clip")
+    x = torch.zeros(1, in_channels, frames, height, width)
+
+    def run() -> None:
+        with torch.no_grad():
+            model(x)
+
+    try:
+        macs = count_macs(model, run)
+    finally:
+        remove()
+    n = sum(p.numel() for p in model.parameters())
+    return {
+        "name": name, "parameters": n, "stream_parameters": {"clip": n}, "macs": macs,
+        "input": f"1 clip of {frames} frames of {height} x {width}", "rows": rows,
+    }  # fmt: skip
+
+
+def defaults_3d(values: dict) -> dict:
+    """The summary options of a 3D ResNet: sizes left at their 2D defaults become Sec. 3.1's
+    (16 frames of 112 x 112, 400 classes)."""
+    ctx = click.get_current_context()
+    for key, value in SIZES_3D.items():
+        if ctx.get_parameter_source(key) == click.core.ParameterSource.DEFAULT:
+            values[key] = value
+    return values
+
+
+# --- end of the 3D ResNet summary ---
+
+
+def model_arguments_of(items: tuple[str, ...]) -> dict:
+    """`--set key=value` items as create_model keyword arguments (values read as TOML, else
+    strings: `truncate=true`, `fuse_at=relu5`)."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise click.UsageError(f"--set {item!r} is not key=value")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
 @click.command("summary")
 @click.argument("model", type=click.Choice(MODEL_NAMES))
-@click.option("--chunks", type=int, default=11, show_default=True, help="T temporal chunks.")
+@click.option("--chunks", type=int, default=11, show_default=True,
+              help="T temporal chunks (3D ResNets: frames of the clip, default 16 x 112 x 112, "
+              "400 classes).")  # fmt: skip
 @click.option("--height", type=int, default=224, show_default=True, help="Input height.")
 @click.option("--width", "frame_width", type=int, default=224, show_default=True,
               help="Input width.")  # fmt: skip
@@ -184,16 +285,23 @@ def summarize(
     is_flag=True,
     help="Stride on the first 1x1 conv (ResNet v1, Table 1) instead of the 3x3 (v1.5).",
 )
+@click.option("--set", "model_sets", multiple=True, metavar="KEY=VALUE",
+              help="Another create_model argument, e.g. --set fusion=conv --set fuse_at=relu5 "
+              "--set truncate=true (fusion_* models); repeatable.")  # fmt: skip
 def summary_command(model, chunks, height, frame_width, num_classes, base_width, flow_stack,
-                    in_channels, stride_in_1x1):  # fmt: skip
+                    in_channels, stride_in_1x1, model_sets):  # fmt: skip
     """Print MODEL's parameters, multiply-adds and stage output sizes (W x H x T, C)."""
+    if is_3d(model):  # a 3D ResNet: --chunks is its clip's frames (default 16 x 112 x 112)
+        sizes = defaults_3d(dict(chunks=chunks, height=height, frame_width=frame_width,
+                                 num_classes=num_classes))  # fmt: skip
+        chunks, height, frame_width, num_classes = sizes.values()
     if min(chunks, height, frame_width, num_classes, base_width, flow_stack, in_channels) < 1:
         raise click.UsageError("sizes and counts must be positive")
     try:
         s = summarize(
             model, chunks=chunks, height=height, width=frame_width, num_classes=num_classes,
             base_width=base_width, flow_stack=flow_stack, in_channels=in_channels,
-            stride_in_1x1=stride_in_1x1,
+            stride_in_1x1=stride_in_1x1, model_kw=model_arguments_of(model_sets),
         )  # fmt: skip
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from None

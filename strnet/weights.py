@@ -22,7 +22,8 @@ from torch import nn
 
 STRIP_PREFIXES = ("module.", "_orig_mod.")
 CONV1_RULES = ("authors", "timm")
-HEAD_KEYS = ("fc.weight", "fc.bias")  # a new dataset's classifier is re-initialised
+HEAD_KEYS = ("fc.weight", "fc.bias", "fc8.weight", "fc8.bias")  # classifiers (ResNet, VGG):
+# a new dataset's is re-initialised
 OPTIONAL_KEYS = ("num_batches_tracked",)  # absent from old torchvision files
 IMAGENET = "imagenet"  # the `model.init*` value that names torchvision's ImageNet ResNet-50
 # torchvision's ResNet50_Weights.IMAGENET1K_V1 (76.13 % top-1): the original ResNet-50 training
@@ -224,7 +225,17 @@ def adapt_tensor(value: torch.Tensor, want: torch.Size, conv1_init: str) -> torc
     if value.ndim == 4 and len(want) == 5 and value.shape[2:] == (1, 1):
         if value.shape[:2] == want[:2] and want[3:] == (1, 1):
             return inflate_temporal(value, want[2])
+    if value.ndim == 4 and len(want) == 5 and value.shape[:2] == want[:2]:
+        if want[3:] == value.shape[2:]:  # a 3D ResNet's t x k x k conv (strnet.resnet3d)
+            return inflate_kernel(value, want[2])
     return None
+
+
+def inflate_kernel(weight: torch.Tensor, depth: int) -> torch.Tensor:
+    """I3D inflation (Carreira and Zisserman 2017): a 2D filter (O, I, k, k) repeated `depth`
+    times over time and divided by `depth`, (O, I, depth, k, k); on a clip constant over time
+    the 3D conv then gives the 2D conv's output (eq. 5's rule for any kernel)."""
+    return (weight / depth).unsqueeze(2).expand(-1, -1, depth, -1, -1).clone()
 
 
 @dataclass
@@ -267,16 +278,20 @@ def load_pretrained(
     RGB conv1 filters meet a flow stack by `adapt_input_conv`, 2D 1x1 filters meet temporal
     convs by `inflate_temporal`. With `new_head`, a classifier of another class count is left
     at its initialisation; so do the keys a module lists in `fresh_keys()` (STM-ResNet's new
-    temporal convs, identity-initialised, which no 2D checkpoint holds). Any other missing,
+    temporal convs, identity-initialised, which no 2D checkpoint holds; a layer that fusion by
+    concatenation widened), and keys of the layers a module lists in `dropped_layers` (a fusion
+    tower truncated after the fusion point) are skipped. Any other missing,
     unexpected or mismatched key raises WeightsError naming them, and nothing is loaded.
     """
     where = "state dict" if isinstance(source, dict) else f"'{source}'"
     state = strip_prefixes(source) if isinstance(source, dict) else read_state_dict(source)
     target = module.state_dict()
     report, usable = LoadReport(), {}
+    dropped = tuple(f"{name}." for name in getattr(module, "dropped_layers", ()))
     for key, value in state.items():
         if key not in target:
-            report.unexpected.append(key)
+            if not key.startswith(dropped):  # not a layer a fusion network truncated away
+                report.unexpected.append(key)
             continue
         fitted = adapt_tensor(value, target[key].shape, conv1_init)
         if fitted is None:
@@ -293,7 +308,11 @@ def load_pretrained(
         for k in report.missing
         if not (new_head and is_head_key(k)) and not k.endswith(OPTIONAL_KEYS) and k not in fresh
     ]
-    bad_mismatch = [m for m in report.mismatched if not (new_head and is_head_key(m.split()[0]))]
+    bad_mismatch = [
+        m
+        for m in report.mismatched
+        if not (new_head and is_head_key(m.split()[0])) and m.split()[0] not in fresh
+    ]
     if bad_missing or report.unexpected or bad_mismatch:
         parts = [
             _listing(name, keys)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from strnet.layers import MotionResidual, SubBatchNorm2d
-from strnet.models import MODEL_NAMES, create_model, is_two_stream
+from strnet.models import MODEL_NAMES, create_model, is_3d, is_two_stream
 from strnet.resnet import resnet
 from strnet.st_resnet import fuse
 from strnet.summary import stage_shapes, summary_command
@@ -345,6 +345,10 @@ def test_every_registered_model_builds_and_runs(name):
         assert set(out) == {"appearance", "motion"}
         pooled = name.endswith("_star") or name.startswith("stm_")  # max over time: 2 chunks -> 1
         assert all(v.shape == (1, 1 if pooled else 2, 3) for v in out.values())
+    elif is_3d(name):  # 3D ResNets: clips (B, C, T, H, W) -> (B, K)
+        net = create_model(name, num_classes=3, width=2, in_channels=4).eval()
+        with torch.no_grad():
+            assert net(torch.randn(2, 4, 16, 32, 32)).shape == (2, 3)
     else:
         net = create_model(name, num_classes=3, width=2, in_channels=4).eval()
         with torch.no_grad():
