@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import flowprep.reader
-from flowprep.extract import CHECKSUMS
+from flowprep.layout import CHECKSUMS
 from flowprep.reader import decode_jpeg, open_reader
 from flowprep.shards import pack
 

@@ -1,4 +1,4 @@
-"""Atomic file writes: a temporary name in the same folder, fsync, then rename.
+"""Atomic file writes: a temporary name in the same folder, fsync, rename, fsync the folder.
 
 A reader (or a rerun after a kill) sees the old file or the new one, never half of one.
 Also the flock helpers that let one run own an output folder at a time, and an atomic exchange
@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
 def temp_name(path: Path) -> Path:
@@ -43,20 +44,57 @@ def open_new(path: Path, mode: int = 0o644) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically; the temporary file never follows a symlink."""
+# errors of fsync on a folder from filesystems that cannot sync one: the rename still happened
+_NO_DIR_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EISDIR}
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync the folder `path`, so the names a rename just put there survive a crash.
+
+    A rename is durable only once its folder is synced; where a folder cannot be opened or the
+    filesystem does not sync folders, this does nothing (the rename itself has happened).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _NO_DIR_SYNC:
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Call `write(file)` on a temporary file beside `path`, fsync, rename it to `path`, then
+    fsync the folder: the one atomic write of the project (bytes, text, JSON, checkpoints).
+
+    A kill at any moment leaves the old file or the new one, never half of one, and no
+    temporary file when it is an exception. The temporary file is created fresh (`open_new`),
+    so a symlink planted at its name is never followed; the rename replaces a symlink at
+    `path` itself, never its target.
+    """
     path = Path(path)
     tmp = temp_name(path)
     try:
         with os.fdopen(open_new(tmp), "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)  # a full disk or a kill signal leaves no temporary behind
-        raise  # rename replaces a symlink at `path` itself, never its target
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically; the temporary file never follows a symlink."""
+    write_atomic(path, lambda f: f.write(data))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -158,6 +196,8 @@ def exchange_paths(a: Path, b: Path) -> bool:
     if func is None:
         return False
     if func(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        for folder in dict.fromkeys((Path(a).parent, Path(b).parent)):
+            fsync_dir(folder)
         return True
     err = ctypes.get_errno()
     if err in _UNSUPPORTED:

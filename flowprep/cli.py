@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,9 @@ from flowprep.extract import (
     VideoResult,
     run_batch,
 )
-from flowprep.flow_service import DEVICE_BATCH
+from flowprep.extract_hdf5 import extract_to_shards
+from flowprep.flow_service import DEVICE_BATCH, resolve_devices
+from flowprep.kinetics import write_missing_list
 from flowprep.manifest import (
     ManifestError,
     build_manifest,
@@ -33,11 +36,26 @@ from flowprep.manifest import (
     read_manifest,
     write_manifest,
 )
-from flowprep.shards import ShardError, extract_to_shards, pack_command, parse_size
-from flowprep.verify import verify_command
-from flowprep.viz import viz_command
+from flowprep.reader import ReaderError
+from flowprep.shards import ShardError, pack, parse_size
+from flowprep.verify import verify
+from flowprep.viz import write_panels
 
 EXIT_SOME_FAILED = 3
+
+
+class DeviceName(click.ParamType):
+    """The `--device` option type: auto, cpu, cuda (every visible GPU) or cuda:N."""
+
+    name = "auto|cpu|cuda[:N]"
+
+    def get_metavar(self, param, ctx=None) -> str:  # as written, not upper-cased
+        return self.name
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            return value
+        self.fail(f"{value!r} is not one of auto, cpu, cuda or cuda:N", param, ctx)
 
 
 class TqdmLogHandler(logging.Handler):
@@ -61,12 +79,13 @@ def main() -> None:
     "split_dir",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Folder with the official split files (UCF101 classInd.txt + train/testlist0N.txt, "
-    "or HMDB51 <class>_test_split<N>.txt). Without it, VIDEO_ROOT is read as one folder per class.",
+    "HMDB51 <class>_test_split<N>.txt, or Kinetics CSVs with youtube_id,time_start,time_end,"
+    "label,split). Without it, VIDEO_ROOT is read as one folder per class.",
 )
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["auto", "ucf101", "hmdb51", "folder"]),
+    type=click.Choice(["auto", "ucf101", "hmdb51", "kinetics", "folder"]),
     default="auto",
     show_default=True,
     help="Layout of the split files; auto detects it from --splits.",
@@ -79,13 +98,19 @@ def main() -> None:
     help="Manifest to write (JSON lines: video_id, path, label, label_index, splits).",
 )
 def index_command(video_root: Path, split_dir: Path | None, fmt: str, output: Path) -> None:
-    """Write a manifest of the videos under VIDEO_ROOT with their labels and splits."""
+    """Write a manifest of the videos under VIDEO_ROOT with their labels and splits.
+
+    Kinetics clips the CSVs list but VIDEO_ROOT lacks are left out and listed in
+    OUTPUT's <stem>_missing.txt (`<clip> <csv file:line>`); that is not an error.
+    """
+    absent: list[str] = []
     try:
-        entries = build_manifest(video_root, split_dir, fmt)
+        entries = build_manifest(video_root, split_dir, fmt, missing=absent)
     except (ManifestError, OSError, UnicodeDecodeError) as exc:
         raise click.ClickException(str(exc)) from None
     try:
         write_manifest(entries, output)
+        absent_list = write_missing_list(output, absent)  # Kinetics clips not downloaded
     except OSError as exc:  # a read-only folder, a full disk
         raise click.ClickException(f"{output}: cannot write ({exc.strerror or exc})") from None
     missing = sum(not (video_root / e.path).exists() for e in entries)
@@ -93,6 +118,7 @@ def index_command(video_root: Path, split_dir: Path | None, fmt: str, output: Pa
     click.echo(
         f"indexed {len(entries)} videos in {len(labels)} classes -> {output}"
         + (f" ({missing} listed videos are not under {video_root})" if missing else "")
+        + (f"; {len(absent)} listed clips are missing: {absent_list}" if absent_list else "")
     )
 
 
@@ -166,10 +192,10 @@ def _load_entries(source: Path, video_root: Path | None) -> tuple[list, Path]:
 )
 @click.option(
     "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
+    type=DeviceName(),
     default="auto",
     show_default=True,
-    help="Device of the torch flow backend; auto picks CUDA when present.",
+    help="Device of the torch flow backend; auto picks CUDA when present (all GPUs), cuda:N one.",
 )
 @click.option(
     "--flow-bound",
@@ -298,6 +324,11 @@ def extract_command(
         shard_bytes = parse_size(shard_size)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--shard-size") from None
+    if settings.wants_flow and flow_backend == "torch" and device.startswith("cuda"):
+        try:
+            resolve_devices(device)  # a GPU that is not there is a usage error, not a traceback
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
     options = RuntimeOptions(
         device=device,
@@ -371,7 +402,108 @@ def dask_mapper(scheduler: str | None, jobs: int):
         raise click.ClickException(f"dask backend unavailable: {exc}") from None
 
 
-# Commands from other modules are registered below, one line each.
-main.add_command(viz_command, name="viz")
-main.add_command(pack_command, name="pack")
-main.add_command(verify_command, name="verify")
+def _bar(quiet: bool) -> tqdm:
+    """A progress bar on stderr for pack and verify: shown on a terminal unless -q."""
+    return tqdm(unit="video", disable=True if quiet else None, dynamic_ncols=True)
+
+
+@main.command("viz")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "-o", "--output", type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the PNG panels (the same as giving OUT).",
+)  # fmt: skip
+@click.option(
+    "--video", "video_id",
+    help="Video id to draw when FOLDER is a frame-folder root or a shard directory.",
+)  # fmt: skip
+@click.option("-n", "--limit", type=click.IntRange(min=1), help="Write at most N panels.")
+@click.option("--bound", type=float, help="Quantization bound in px [default: from meta.json, 20].")
+@click.option("--max-flow", type=float, help="Flow magnitude drawn fully saturated [default: max].")
+def viz_command(
+    folder: Path,
+    out: Path | None,
+    output: Path | None,
+    video_id: str | None,
+    limit: int | None,
+    bound: float | None,
+    max_flow: float | None,
+) -> None:
+    """Write PNG panels (frame | flow colour wheel | flow_x | flow_y) of one video FOLDER to OUT.
+
+    FOLDER is one video's folder, or with --video a frame-folder root or shard directory.
+    """
+    if out is not None and output is not None and out != output:
+        raise click.UsageError("give the output folder once: OUT or -o/--output")
+    out = out or output
+    if out is None:
+        raise click.UsageError("missing the output folder: give OUT or -o/--output")
+    try:
+        written = write_panels(
+            folder, out, limit=limit, bound=bound, max_flow=max_flow, video_id=video_id
+        )
+    except (ValueError, ReaderError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {len(written)} panels to {out}")
+
+
+@main.command("pack")
+@click.argument("frames_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "-o", "--output", "shards_dir", required=True, type=click.Path(path_type=Path),
+    help="Directory for the HDF5 shards and index.json.",
+)  # fmt: skip
+@click.option(
+    "--shard-size", default="4GB", show_default=True, help="Target bytes per shard (4GB, 500MB)."
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def pack_command(frames_dir: Path, shards_dir: Path, shard_size: str, quiet: bool) -> None:
+    """Pack extracted frame folders into HDF5 shards (JPEG bytes as they are); resumable."""
+    try:
+        size = parse_size(shard_size)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--shard-size") from None
+    bar = _bar(quiet)
+    try:
+        index = pack(
+            frames_dir,
+            shards_dir,
+            shard_size=size,
+            on_start=lambda n: bar.reset(total=n),
+            on_packed=lambda ids: bar.update(len(ids)),
+        )
+    except ShardError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:  # e.g. an output directory that cannot be created
+        raise click.ClickException(f"{exc.filename or shards_dir}: {exc.strerror}") from None
+    finally:
+        bar.close()
+    shards = len(set(index["videos"].values()))
+    click.echo(f"{len(index['videos'])} videos in {shards} shards under {shards_dir}", err=True)
+
+
+@main.command("verify")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Manifest (JSON lines from `flowprep index`) the labels and paths must agree with.",
+)  # fmt: skip
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def verify_command(path: Path, manifest: Path | None, quiet: bool) -> None:
+    """Check frame folders or shards: counts, JPEGs, metadata; one line per problem.
+
+    Exit status: 0 when everything checks out, 1 when any problem was found.
+    """
+    bar = _bar(quiet)
+    try:
+        problems = verify(
+            path, manifest, on_start=lambda n: bar.reset(total=n), on_video=lambda _: bar.update()
+        )
+    finally:
+        bar.close()
+    for problem in problems:
+        click.echo(str(problem))
+    if problems:
+        raise click.ClickException(f"{len(problems)} problems found in {path}")
+    click.echo(f"{path}: all videos verified", err=True)

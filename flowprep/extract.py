@@ -42,6 +42,7 @@ import numpy as np
 
 from flowprep.atomic import (
     exchange_paths,
+    fsync_dir,
     is_locked,
     lock_exclusive,
     release_lock,
@@ -50,6 +51,19 @@ from flowprep.atomic import (
 )
 from flowprep.decode import DecodeStats, VideoError, iter_frames, probe
 from flowprep.flow_service import DEVICE_BATCH, FlowService, resolve_devices
+from flowprep.layout import (  # noqa: F401 - names of the layout kept importable from here
+    CHECKSUMS,
+    FAILURES,
+    INDEX_BASE,
+    LIST_NAME,
+    LOCK,
+    MARKER,
+    META,
+    PARTIAL_DIR,
+    annotation_lists,
+    frame_name,
+    write_lists,
+)
 from flowprep.manifest import (
     VideoEntry,
     check_id_set,
@@ -57,20 +71,14 @@ from flowprep.manifest import (
     safe_relative_path,
 )
 
-PARTIAL_DIR = ".partial"
-MARKER = ".done"
-META = "meta.json"
-CHECKSUMS = "file_crc32"  # meta.json key: {frame file name: zlib.crc32 of its bytes}
-FAILURES = "failures.jsonl"
-LOCK = ".lock"  # OUT/.lock: flock-ed by the run writing OUT while it runs (deleted at its end)
 OWNER = ".owner"  # OUT/.partial/.owner: that run's token; workers commit under its flock
 OLD = ".old"  # OUT/.partial/<staging>.old: a finished folder moved aside while it is replaced
 RESTORE = ".restore"  # OUT/.partial/<staging>.old.restore: {"video_id": ...} of that folder
 LOCK_WAIT_S = 2.0  # how long a run waits for OUT/.lock before reporting OUT busy
 CHECK_EVERY_S = 0.2  # how often a worker checks, between frames, that its run still owns OUT
-LIST_NAME = re.compile(r"all(_flow)?\.txt|(train|test)_split\d+(_flow)?\.txt")  # annotation lists
-_RESERVED = re.compile(rf"(\.partial|\.lock|failures\.jsonl|{LIST_NAME.pattern})")
-INDEX_BASE = 1
+_RESERVED = re.compile(
+    rf"({re.escape(PARTIAL_DIR)}|{re.escape(LOCK)}|{re.escape(FAILURES)}|{LIST_NAME.pattern})"
+)
 MODALITIES = ("rgb", "flow", "both")
 
 
@@ -412,12 +420,6 @@ def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
     return buf.tobytes()
 
 
-def frame_name(kind: str, index: int) -> str:
-    """File name of 0-based frame `index`: img_00001.jpg, flow_x_00001.jpg, flow_00001.npy."""
-    ext = "npy" if kind == "flow" else "jpg"
-    return f"{kind}_{index + INDEX_BASE:05d}.{ext}"
-
-
 def write_frame_file(folder: Path, name: str, data: bytes, checksums: dict[str, int]) -> None:
     """Write one frame file and note its CRC32 in `checksums` (meta.json's CHECKSUMS).
 
@@ -658,8 +660,9 @@ def _swap_into_place(staging: Path, out_root: Path, video_id: str) -> Path | Non
     final.parent.mkdir(parents=True, exist_ok=True)
     if not os.path.lexists(final):
         os.rename(staging, final)
+        fsync_dir(final.parent)
         return None
-    if exchange_paths(staging, final):
+    if exchange_paths(staging, final):  # fsyncs both folders
         return staging
     old = staging.with_name(staging.name + OLD)
     note = old.with_name(old.name + RESTORE)
@@ -670,6 +673,7 @@ def _swap_into_place(staging: Path, out_root: Path, video_id: str) -> Path | Non
     except BaseException:
         os.rename(old, final)
         raise
+    fsync_dir(final.parent)
     note.unlink()
     return old
 
@@ -716,23 +720,12 @@ def write_reports(out_root: Path, results: list[VideoResult]) -> None:
         ),
     )
     good = [r for r in ordered if r.status != "failed"]
-    lists: dict[str, list[str]] = {}
-    for r in good:
-        label = -1 if r.label_index is None else r.label_index
-        counts = [("", r.num_frames)] + ([("_flow", r.num_flows)] if r.num_flows else [])
-        for suffix, count in counts:
-            line = f"{r.video_id} {count} {label}\n"
-            if not r.splits:
-                lists.setdefault(f"all{suffix}.txt", []).append(line)
-            for split, kind in r.splits.items():
-                if kind in ("train", "test"):
-                    lists.setdefault(f"{kind}_split{split}{suffix}.txt", []).append(line)
-    for name, lines in lists.items():
-        if LIST_NAME.fullmatch(name):  # split keys are digits (plan): always true
-            write_text_atomic(out_root / name, "".join(lines))
-    for stale in sorted(out_root.iterdir()):
-        if LIST_NAME.fullmatch(stale.name) and stale.name not in lists and not stale.is_dir():
-            stale.unlink()
+    write_lists(
+        out_root,
+        annotation_lists(
+            (r.video_id, r.num_frames, r.num_flows, r.label_index, r.splits) for r in good
+        ),
+    )
 
 
 def run_batch(

@@ -25,16 +25,20 @@ DEVICE_BATCH = 64  # pairs per device call: the coarse pyramid levels are tiny, 
 
 
 def resolve_devices(device: str) -> list[str]:
-    """Devices behind a `--device` value: every visible GPU for cuda/auto-with-GPU, else cpu."""
+    """Devices behind a `--device` value: every visible GPU for cuda/auto-with-GPU, else cpu;
+    `cuda:N` is GPU N alone. ValueError (one line) for a GPU torch does not see."""
     if device == "cpu":
         return ["cpu"]
     import torch
 
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}, but torch sees no CUDA device")
     if device.startswith("cuda:"):
+        if int(device[len("cuda:") :]) >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise ValueError(f"--device {device}, but torch sees {count} CUDA device(s)")
         return [device]
     if not torch.cuda.is_available():
-        if device == "cuda":
-            raise ValueError("--device cuda, but torch sees no CUDA device")
         return ["cpu"]
     return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 import tempfile
 import threading
@@ -27,11 +26,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from flowprep.extract import CHECKSUMS, MARKER, META, PARTIAL_DIR, frame_name
+from flowprep.layout import (
+    CHECKSUMS,
+    CRC_SUFFIX,
+    MARKER,
+    META,
+    PARTIAL_DIR,
+    SHARD_INDEX,
+    SHARD_NAME,
+    frame_name,
+)
 
-SHARD_INDEX = "index.json"  # flowprep.shards.INDEX
-SHARD_NAME = re.compile(r"shard_\d{5,}\.h5")  # flowprep.shards.SHARD_NAME
-CRC_SUFFIX = "_crc32"  # shard dataset <kind>_crc32: zlib.crc32 of each JPEG of <kind>
 CHECK_CRC = True  # compare each frame read with its CRC32 (benchmarks/reader.py times both)
 MAX_FRAME_BYTES = 64 * 2**20  # a stored JPEG larger than this is a corrupt offset, not a frame
 READ_CHUNK = 16 * 2**20  # whole-dataset CRCs (verify) read this many bytes at a time

@@ -27,38 +27,32 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-import click
 import h5py
 import numpy as np
 
-from flowprep.atomic import write_json_atomic, write_text_atomic
-from flowprep.extract import (
+from flowprep.atomic import write_json_atomic
+from flowprep.layout import (
     CHECKSUMS,
-    LIST_NAME,
+    CRC_SUFFIX,
+    FRAME_KINDS,
     MARKER,
     META,
-    ExtractSettings,
-    RuntimeOptions,
-    VideoResult,
-    exists,
+    SHARD_INDEX,
+    SHARD_NAME,
     frame_name,
-    own_folder,
-    plan,
-    run_batch,
-    source_identity,
-    write_reports,
+    read_lists,
+    shard_name,
+    write_lists,
 )
-from flowprep.manifest import VideoEntry
-from flowprep.reader import CRC_SUFFIX, SHARD_NAME, ReaderError, crc_mismatch, file_checksums
+from flowprep.reader import FolderReader, ReaderError, crc_mismatch, file_checksums
 
-INDEX = "index.json"
+INDEX = SHARD_INDEX
 SHARD_FORMAT = "flowprep-shards-1"
-KINDS = ("img", "flow_x", "flow_y")
+KINDS = FRAME_KINDS
 OFFSETS = "_offsets"  # JPEG i of kind k is k[k_offsets[i] : k_offsets[i + 1]]
 # CRC_SUFFIX: k_crc32[i] is zlib.crc32 of JPEG i of kind k (flowprep.reader checks it)
 CRC = "crc32"  # attribute of each bytes dataset: zlib.crc32 of all its bytes, for `verify`
@@ -76,11 +70,6 @@ def parse_size(text: str) -> int:
     if not match or match.group(2) not in _UNITS:
         raise ValueError(f"not a size: {text!r} (use e.g. 4GB, 500MB)")
     return int(float(match.group(1)) * _UNITS[match.group(2)])
-
-
-def shard_name(number: int) -> str:
-    """File name of shard `number` (0-based): shard_00000.h5."""
-    return f"shard_{number:05d}.h5"
 
 
 def read_index(shards_dir: Path) -> dict:
@@ -281,16 +270,22 @@ class ShardWriter:
         self.group, self.group_bytes = [], 0
 
 
-def pack(frames_dir: Path, shards_dir: Path, *, shard_size: int = 4 * 10**9) -> dict:
+def pack(
+    frames_dir: Path,
+    shards_dir: Path,
+    *,
+    shard_size: int = 4 * 10**9,
+    on_start: Callable[[int], None] | None = None,
+    on_packed: Callable[[list[str]], None] | None = None,
+) -> dict:
     """Pack every finished video under `frames_dir` into HDF5 shards in `shards_dir`.
 
     The annotation lists (all.txt, <split>_split<N>.txt) are copied beside the shards, and
     lists there that `frames_dir` no longer has are deleted (a stale split would leak videos).
     Resumable: videos already packed with the same completion stamp are skipped; returns the
-    index.
+    index. `on_start(n)` is told how many videos are to be packed, `on_packed(ids)` the videos
+    of each shard once it is written (progress bars).
     """
-    from flowprep.reader import FolderReader
-
     frames_dir = Path(frames_dir)
     index = read_index(shards_dir)
     todo = [
@@ -298,137 +293,14 @@ def pack(frames_dir: Path, shards_dir: Path, *, shard_size: int = 4 * 10**9) -> 
         for vid in FolderReader(frames_dir).video_ids
         if vid not in index["videos"] or index["stamps"].get(vid) != stamp_of(frames_dir / vid)
     ]
-    writer = ShardWriter(frames_dir, shards_dir, todo, shard_size)
+    if on_start is not None:
+        on_start(len(todo))
+    writer = ShardWriter(frames_dir, shards_dir, todo, shard_size, on_packed=on_packed)
     try:
         for vid in todo:
             writer.add(vid, True)
         index = writer.close()
-        copied = set()
-        for listing in sorted(frames_dir.iterdir()):  # the trainer finds them beside the shards
-            if LIST_NAME.fullmatch(listing.name) and listing.is_file():
-                write_text_atomic(Path(shards_dir) / listing.name, listing.read_text())
-                copied.add(listing.name)
-        for stale in sorted(Path(shards_dir).iterdir()):
-            if LIST_NAME.fullmatch(stale.name) and stale.name not in copied:
-                stale.unlink()
+        write_lists(shards_dir, read_lists(frames_dir))  # the trainer finds them beside the shards
         return index
     finally:
         writer.release()
-
-
-def _still_valid(index: dict, video_id: str, source: Path, settings: ExtractSettings) -> bool:
-    """True when the packed copy of `video_id` was made with `settings` from this source file.
-
-    The same test `extract.is_done` applies to a frame folder's marker.
-    """
-    stamp = index["stamps"].get(video_id)
-    if video_id not in index["videos"] or not isinstance(stamp, dict) or not exists(source):
-        return False
-    return stamp.get("settings_hash") == settings.digest() and all(
-        stamp.get(k) == v for k, v in source_identity(source).items()
-    )
-
-
-def extract_to_shards(
-    entries: list[VideoEntry],
-    video_root: Path,
-    out: Path,
-    settings: ExtractSettings,
-    *,
-    shard_size: int = 4 * 10**9,
-    options: RuntimeOptions | None = None,
-    jobs: int = 1,
-    force: bool = False,
-    strict: bool = False,
-    mapper: Callable | None = None,
-    on_result: Callable[[VideoResult], None] | None = None,
-) -> list[VideoResult]:
-    """`run_batch`, but the output is shards: OUT/index.json, OUT/shard_*.h5 and the reports.
-
-    Each video is extracted into OUT/.frames/<video_id> (any worker, any order), moved into a
-    shard as soon as its shard is complete, and its folder deleted; a video already in a shard
-    with the same settings and source is skipped unless `force`. Failures and split lists are
-    written to OUT as `run_batch` writes them. Returns the results sorted by video id.
-    """
-    out, root = Path(out), Path(video_root)
-    index = read_index(out)
-    unique, results = plan(entries)  # a video id two sources share fails, as in run_batch
-    todo = []
-    for entry in unique:
-        if not force and _still_valid(index, entry.video_id, root / entry.path, settings):
-            num_frames = int(index["num_frames"].get(entry.video_id, 0))
-            results.append(
-                VideoResult(
-                    entry.video_id,
-                    "skipped",
-                    num_frames=num_frames,
-                    # a packed video with flow has one flow per frame pair (verify checks it)
-                    num_flows=num_frames - 1 if settings.wants_flow and num_frames > 1 else None,
-                    source=entry.path,
-                    label_index=entry.label_index,
-                    splits=dict(entry.splits),
-                )
-            )
-        else:
-            todo.append(entry)
-    work = out / WORK_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    own_folder(work, "hold frame folders waiting for their shard")
-
-    def remove_folders(video_ids: list[str]) -> None:
-        for vid in video_ids:
-            shutil.rmtree(work / vid)
-
-    order = sorted(e.video_id for e in todo)
-    writer = ShardWriter(work, out, order, shard_size, on_packed=remove_folders)
-
-    def collect(result: VideoResult) -> None:
-        writer.add(result.video_id, result.status != "failed")
-        if on_result is not None:
-            on_result(result)
-
-    try:
-        results += run_batch(
-            todo,
-            root,
-            work,
-            settings,
-            options=options or RuntimeOptions(),
-            jobs=jobs,
-            force=force,
-            strict=strict,
-            mapper=mapper,
-            on_result=collect,
-        )
-        writer.close()
-    finally:
-        writer.release()
-    if writer.position == len(order):  # everything resolved and packed: no folder is left
-        shutil.rmtree(work, ignore_errors=True)
-    write_reports(out, results)
-    return sorted(results, key=lambda r: r.video_id)
-
-
-@click.command()
-@click.argument("frames_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "-o", "--output", "shards_dir", required=True, type=click.Path(path_type=Path),
-    help="Directory for the HDF5 shards and index.json.",
-)  # fmt: skip
-@click.option(
-    "--shard-size", default="4GB", show_default=True, help="Target bytes per shard (4GB, 500MB)."
-)
-def pack_command(frames_dir: Path, shards_dir: Path, shard_size: str) -> None:
-    """Pack extracted frame folders into HDF5 shards (JPEG bytes as they are); resumable."""
-    try:
-        size = parse_size(shard_size)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--shard-size") from None
-    try:
-        index = pack(frames_dir, shards_dir, shard_size=size)
-    except ShardError as exc:
-        raise click.ClickException(str(exc)) from None
-    except OSError as exc:  # e.g. an output directory that cannot be created
-        raise click.ClickException(f"{exc.filename or shards_dir}: {exc.strerror}") from None
-    shards = len(set(index["videos"].values()))
-    click.echo(f"{len(index['videos'])} videos in {shards} shards under {shards_dir}", err=True)

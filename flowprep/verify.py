@@ -12,16 +12,15 @@ shard stores, is a problem, not a hang or gigabytes of memory.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import numpy as np
 
-from flowprep.extract import frame_name
+from flowprep.layout import FRAME_KINDS, META, SHARD_GLOB, SHARD_INDEX, frame_glob, frame_name
 from flowprep.manifest import ManifestError, VideoEntry, read_manifest
 from flowprep.reader import (
-    SHARD_INDEX,
     FolderReader,
     FolderVideo,
     ReaderError,
@@ -32,8 +31,8 @@ from flowprep.reader import (
     open_reader,
 )
 
-KINDS = ("img", "flow_x", "flow_y")
-SHARD_FILE = "shard_*.h5"  # flowprep.shards.shard_name
+KINDS = FRAME_KINDS
+SHARD_FILE = SHARD_GLOB
 
 
 @dataclass(frozen=True)
@@ -51,8 +50,7 @@ def _counts(video: FolderVideo | ShardVideo) -> dict[str, int]:
     """JPEGs (or .npy flows) actually present per kind."""
     if isinstance(video, ShardVideo):
         return {k: video.count(k) for k in KINDS}
-    found = {k: sum(1 for _ in video.folder.glob(f"{k}_[0-9]*.jpg")) for k in KINDS}
-    found["flow"] = sum(1 for _ in video.folder.glob("flow_[0-9]*.npy"))
+    found = {k: sum(1 for _ in video.folder.glob(frame_glob(k))) for k in (*KINDS, "flow")}
     return found
 
 
@@ -111,7 +109,7 @@ def _check_images(vid: str, video: FolderVideo | ShardVideo) -> list[Problem]:
             else:
                 where = frame_name(kind, i)
                 data = _read_file(video.folder / where)
-                problem = crc_mismatch(data, video.checksums.get(where), "meta.json says")
+                problem = crc_mismatch(data, video.checksums.get(where), f"{META} says")
                 if problem:
                     raise ReaderError(f"{where}: {problem}")
             image = decode_jpeg(data, gray=gray, where=where)
@@ -125,7 +123,7 @@ def _check_images(vid: str, video: FolderVideo | ShardVideo) -> list[Problem]:
             path = video.folder / frame_name("flow", i)
             try:
                 data = path.read_bytes()
-                problem = crc_mismatch(data, video.checksums.get(path.name), "meta.json says")
+                problem = crc_mismatch(data, video.checksums.get(path.name), f"{META} says")
                 if problem:
                     raise ValueError(problem)
                 flow = np.load(io.BytesIO(data), allow_pickle=False)
@@ -172,12 +170,19 @@ def _check_corpus(path: Path, reader: FolderReader | ShardReader) -> list[Proble
     return problems
 
 
-def verify(path: Path, manifest: Path | None = None) -> list[Problem]:
+def verify(
+    path: Path,
+    manifest: Path | None = None,
+    *,
+    on_start: Callable[[int], None] | None = None,
+    on_video: Callable[[str], None] | None = None,
+) -> list[Problem]:
     """Check every video under a frame-folder root or shard directory; [] when all is well.
 
     Counts agree with meta, shard bytes with their packed CRC32, every JPEG decodes at meta's
     size, and label, label_index and source path agree with the manifest (whose videos must all
     be present). A corpus of 0 videos, and shard files index.json does not name, are problems.
+    `on_start(n)` is told the number of videos, `on_video(id)` each one checked (progress).
     """
     entries: dict[str, VideoEntry] | None = None
     if manifest is not None:
@@ -190,6 +195,8 @@ def verify(path: Path, manifest: Path | None = None) -> list[Problem]:
     except ReaderError as exc:
         return [Problem(str(path), str(exc))]
     problems = _check_corpus(Path(path), reader)
+    if on_start is not None:
+        on_start(len(reader.video_ids))
     try:
         for vid in reader.video_ids:
             try:
@@ -204,6 +211,8 @@ def verify(path: Path, manifest: Path | None = None) -> list[Problem]:
                 problems.append(Problem(vid, str(exc)))
             except Exception as exc:  # noqa: BLE001 - corrupt HDF5 can surface as any h5py error
                 problems.append(Problem(vid, f"{type(exc).__name__}: {exc}"))
+            if on_video is not None:
+                on_video(vid)
     finally:
         if hasattr(reader, "close"):
             reader.close()
@@ -211,22 +220,3 @@ def verify(path: Path, manifest: Path | None = None) -> list[Problem]:
         missing = sorted(set(entries) - set(reader.video_ids))
         problems += [Problem(v, "in the manifest but not found") for v in missing]
     return problems
-
-
-@click.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Manifest (JSON lines from `flowprep index`) the labels and paths must agree with.",
-)  # fmt: skip
-def verify_command(path: Path, manifest: Path | None) -> None:
-    """Check frame folders or shards: counts, JPEGs, metadata; one line per problem.
-
-    Exit status: 0 when everything checks out, 1 when any problem was found.
-    """
-    problems = verify(path, manifest)
-    for problem in problems:
-        click.echo(str(problem))
-    if problems:
-        raise click.ClickException(f"{len(problems)} problems found in {path}")
-    click.echo(f"{path}: all videos verified", err=True)

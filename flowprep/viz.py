@@ -6,14 +6,16 @@ benchmark: hue = direction, saturation = magnitude) and the two quantized flow J
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
-import click
 import cv2
 import numpy as np
 
+from flowprep.layout import INDEX_BASE, META, frame_glob, frame_index, frame_name
 from flowprep.quantize import DEFAULT_BOUND, dequantize_flow
+from flowprep.reader import ReaderError, open_reader
 
 # Hue segments of the Middlebury wheel: red-yellow, yellow-green, green-cyan, cyan-blue,
 # blue-magenta, magenta-red (Baker et al., "A Database and Evaluation Methodology for Optical
@@ -88,6 +90,56 @@ def _read(path: Path, flags: int) -> np.ndarray:
     return img
 
 
+class _FlowFiles:
+    """The flow JPEGs of one video folder, found by name (a meta.json with counts not needed)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.where = str(self.folder)
+        names = sorted(p.name for p in self.folder.glob(frame_glob("flow_x")))
+        self.indices = [frame_index(name) for name in names]
+
+    @functools.cached_property
+    def meta(self) -> dict:  # read only when the bound is not given
+        path = self.folder / META
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def quantized(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        qx = _read(self.folder / frame_name("flow_x", index), cv2.IMREAD_GRAYSCALE)
+        return qx, _read(self.folder / frame_name("flow_y", index), cv2.IMREAD_GRAYSCALE)
+
+    def frame(self, index: int) -> np.ndarray | None:
+        path = self.folder / frame_name("img", index)
+        if not path.is_file():
+            return None
+        return cv2.cvtColor(_read(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+class _ReaderFlow:
+    """The flow of one video of a frame-folder root or shard directory, through flowprep.reader."""
+
+    def __init__(self, root: Path, video_id: str):
+        reader = open_reader(root)
+        if video_id not in reader:
+            raise ReaderError(f"{root}: no video {video_id!r}")
+        self.video = reader[video_id]
+        self.meta = self.video.meta
+        self.where = f"{root}:{video_id}"
+        jpeg = self.meta.get("flow_format") != "npy"  # raw .npy flow has no JPEGs to draw
+        self.indices = list(range(self.video.num_flows)) if jpeg else []
+        settings = self.meta.get("settings")
+        self.has_rgb = not isinstance(settings, dict) or settings.get("modality") != "flow"
+
+    def quantized(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        q = self.video.flow([index])[0]
+        return q[..., 0], q[..., 1]
+
+    def frame(self, index: int) -> np.ndarray | None:
+        if not self.has_rgb or index >= self.video.num_frames:
+            return None
+        return self.video.rgb([index])[0]
+
+
 def write_panels(
     folder: Path,
     out: Path,
@@ -95,48 +147,29 @@ def write_panels(
     limit: int | None = None,
     bound: float | None = None,
     max_flow: float | None = None,
+    video_id: str | None = None,
 ) -> list[Path]:
-    """Write viz_00001.png ... for the flow frames of one extracted video folder into `out`.
+    """Write viz_00001.png ... for the flow frames of one extracted video into `out`.
 
-    The bound comes from meta.json when not given (else 20 px); returns the PNG paths.
+    `folder` is a video folder; with `video_id` it is a frame-folder root or a shard directory,
+    read through `flowprep.reader` (ReaderError for a bad or missing video). The bound comes
+    from meta.json when not given (else 20 px); returns the PNG paths.
     """
-    meta_path = folder / "meta.json"
+    out = Path(out)
+    video = _FlowFiles(folder) if video_id is None else _ReaderFlow(Path(folder), video_id)
     if bound is None:
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        bound = float(meta.get("flow_bound", DEFAULT_BOUND))
-    names = sorted(p.name for p in folder.glob("flow_x_*.jpg"))
-    if not names:
-        raise ValueError(f"no flow_x_*.jpg in {folder}; extract with --modality flow or both")
+        bound = float(video.meta.get("flow_bound", DEFAULT_BOUND))
+    if not video.indices:
+        raise ValueError(f"no flow_x_*.jpg in {video.where}; extract with --modality flow or both")
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in names[:limit]:
-        index = name[len("flow_x_") :]
-        qx = _read(folder / name, cv2.IMREAD_GRAYSCALE)
-        qy = _read(folder / f"flow_y_{index}", cv2.IMREAD_GRAYSCALE)
-        img_path = folder / f"img_{index}"
-        if img_path.is_file():
-            frame = cv2.cvtColor(_read(img_path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-        else:
+    for index in video.indices[:limit]:
+        qx, qy = video.quantized(index)
+        frame = video.frame(index)
+        if frame is None:
             frame = np.zeros((*qx.shape, 3), np.uint8)
         panel = make_panel(frame, qx, qy, bound, max_flow)
-        target = out / f"viz_{index.replace('.jpg', '.png')}"
+        target = out / f"viz_{index + INDEX_BASE:05d}.png"
         cv2.imwrite(str(target), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
         written.append(target)
     return written
-
-
-@click.command("viz")
-@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("-n", "--limit", type=click.IntRange(min=1), help="Write at most N panels.")
-@click.option("--bound", type=float, help="Quantization bound in px [default: from meta.json, 20].")
-@click.option("--max-flow", type=float, help="Flow magnitude drawn fully saturated [default: max].")
-def viz_command(
-    folder: Path, out: Path, limit: int | None, bound: float | None, max_flow: float | None
-) -> None:
-    """Write PNG panels (frame | flow colour wheel | flow_x | flow_y) of one video FOLDER to OUT."""
-    try:
-        written = write_panels(folder, out, limit=limit, bound=bound, max_flow=max_flow)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"wrote {len(written)} panels to {out}")

@@ -6,8 +6,6 @@ state, the sampler position and the resolved config, all as tensors and plain Py
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from flowprep.atomic import open_new, temp_name
+from flowprep import atomic
 from strnet.weights import WeightsError, load_file
 
 
@@ -61,26 +59,16 @@ def _as_tuple(value):
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Call `write(file)` on a temporary file beside `path`, fsync, then rename it to `path`.
+    """`flowprep.atomic.write_atomic` into `path`, creating its folder first.
 
     A kill during the write leaves the previous file intact (checkpoints, saved scores). The
     temporary file is created fresh (`flowprep.atomic.open_new`: O_EXCL | O_NOFOLLOW after
-    unlinking a stale one), so a symlink planted at `.<name>.tmp` is never followed.
+    unlinking a stale one), so a symlink planted at `.<name>.tmp` is never followed; the folder
+    is fsynced after the rename.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
-    try:
-        with os.fdopen(open_new(tmp), "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)  # a full disk or an interrupt leaves no temporary file behind
-        raise
-    return path
+    return atomic.write_atomic(path, write)  # also fsyncs the folder after the rename
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +20,13 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")  # run.device and every --device
+DEVICES = "auto, cpu, cuda or cuda:N"
 PHASES = ("motion", "appearance", "st-resnet", "st-resnet-star")
+PHASES += ("resnet3d18-kinetics", "resnet3d34-kinetics")  # Hara et al. 2017, Sec. 3.2
+PHASES += ("fusion", "fusion-3d")  # Two-Stream Fusion (CVPR 2016): Table 1, Sec. 3.4
+# training crop rules: Sec. 3.4 of ST-ResNet ("appearance", "motion"), Hara Sec. 3.2 ("multiscale")
+DATA_CROPS = ("appearance", "motion", "center", "none", "multiscale")
 
 
 class ConfigError(ValueError):
@@ -41,7 +48,8 @@ class DataConfig:
     flow_offset: int | str = "center"  # first flow of a stack vs its frame: "center" (-L/2) or int
     use_rgb: bool = True  # load RGB frames (appearance stream)
     use_flow: bool = True  # load flow stacks (motion stream)
-    crop: str = "appearance"  # "appearance" (±25 % jitter), "motion" (corner/centre), "none"
+    crop: str = "appearance"  # "appearance" (±25 % jitter), "motion" (corner/centre), "none",
+    # "multiscale" (3D ResNets: square corner/centre crops at 5 scales of the short side)
     crop_size: int = 224  # side of the network input after crop + resize
     flip_p: float = 0.5  # horizontal-flip probability (flow x negated)
     test_chunks: int = 25  # chunks sampled evenly per test video
@@ -59,6 +67,14 @@ class ModelConfig:
     bn_sub_batch: int = 0  # samples per BatchNorm sub-batch (Table 2 "Bnorm batch"); 0 = whole
     residual_input: str = "pre_relu"  # eq. 2's x_a: "pre_relu" (authors') or "post_relu" (old)
     stride_in_1x1: bool = False  # ResNet v1 (stride on 1x1, Table 1); False: v1.5 (torchvision)
+    # Two-Stream Fusion (fusion_* models, strnet.fusion): how, where, which towers
+    fusion: str = "sum"  # sum, max, concat, conv, bilinear (Sec. 3.1) or conv3d (Sec. 3.3)
+    fuse_at: str = "softmax"  # layer the towers are fused after ("relu5", "relu4", ...) or softmax
+    truncate: bool = False  # drop the motion tower after the fusion (Fig. 2 left); else keep it
+    pool3d: bool = False  # pool5 as a 3D max pool over 5 chunks (Sec. 3.3); always with conv3d
+    freeze_towers: bool = False  # train only from the fusion on (Sec. 3.5); needs trained towers
+    dropout: float = 0.85  # fusion_vgg*: dropout ratio of fc6 and fc7 (Sec. 3.5)
+    motion_net: str = ""  # fusion_vgg*: the motion tower's VGG ("" = same; vggm2048: Table 4)
     conv1_init: str = "authors"  # conv1 adaptation rule for flow input: "authors" or "timm"
     init: str = ""  # checkpoint to start from: previous phase or local ImageNet weights
     init_appearance: str = ""  # checkpoint of an appearance-stream phase for the RGB stream
@@ -83,7 +99,7 @@ class RunConfig:
 
     out: str = "runs/default"  # run folder: config, metrics, checkpoints, curves
     seed: int = 0  # seed of model init and of every augmentation draw
-    device: str = "auto"  # "auto", "cpu" or "cuda"
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N" (GPU N)
     log_every: int = 10  # steps between metric lines
     ckpt_every: int = 1000  # steps between checkpoints (one more at the end)
     max_steps: int = 0  # stop early after this many steps (0 = full schedule)
@@ -158,13 +174,13 @@ class TrainConfig:
             ),
             (1 <= d.tau_min <= d.tau_max, "data.tau_min/tau_max need 1 <= tau_min <= tau_max"),
             (d.use_rgb or d.use_flow, "data.use_rgb and data.use_flow cannot both be false"),
-            (d.crop in ("appearance", "motion", "center", "none"), f"bad data.crop {d.crop!r}"),
+            (d.crop in DATA_CROPS, f"bad data.crop {d.crop!r}"),
             (0.0 <= d.flip_p <= 1.0, "data.flip_p must be in [0, 1]"),
             (
                 m.conv1_init in ("authors", "timm"),
                 "model.conv1_init must be authors or timm",
             ),
-            (r.device in ("auto", "cpu", "cuda"), "run.device must be auto, cpu or cuda"),
+            (DEVICE_NAME.fullmatch(str(r.device)) is not None, "run.device must be " + DEVICES),
         ]
         for ok, message in checks:
             if not ok:
@@ -182,12 +198,14 @@ def check_architecture_keys(cfg: TrainConfig) -> None:
     offset = cfg.data.flow_offset
     if isinstance(offset, str) and offset != "center":
         raise ConfigError(f"data.flow_offset must be 'center' or an integer, got {offset!r}")
-    if cfg.model.name.endswith("_star"):  # ST-ResNet*: max over 5 chunks, stride 2, no padding
+    m = cfg.model
+    pool3d = m.name.startswith("fusion_") and (m.fusion == "conv3d" or m.pool3d)  # Sec. 3.3
+    if m.name.endswith("_star") or pool3d:  # max over 5 chunks, stride 2, no padding
         for key in ("num_chunks", "test_chunks"):
             t = getattr(cfg.data, key)
             if t > 5 and (t - 5) % 2:
                 raise ConfigError(
-                    f"data.{key} = {t} leaves the last chunk out of ST-ResNet*'s max-pooling "
+                    f"data.{key} = {t} leaves the last chunk out of {m.name}'s max-pooling "
                     f"(windows of 5, stride 2); use {t - 1} or {t + 1}"
                 )
 

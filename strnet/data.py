@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from flowprep.layout import read_list
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 FLOW_MEAN = 128.0  # quantized flow is centred on 128 (zero displacement), Sec. 3.4
@@ -286,19 +288,10 @@ class SamplingConfig:
 def read_split_list(path: str | Path) -> list[tuple[str, int]]:
     """Read an mmaction2-style list `<video_id> <num_frames> <label_index>` into (id, label) pairs.
 
-    The list files sit beside the frame folders (`train_split1.txt`, ...).
+    The list files sit beside the frame folders (`train_split1.txt`, ...); their format is
+    flowprep's (`flowprep.layout.read_list`).
     """
-    items = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split()
-        if len(parts) != 3:
-            raise ValueError(
-                f"{path}:{n}: expected '<video_id> <num_frames> <label>', got {line!r}"
-            )
-        items.append((parts[0], int(parts[2])))
-    return items
+    return read_list(path)
 
 
 class ClippedStrideWarning(UserWarning):

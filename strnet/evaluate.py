@@ -4,22 +4,27 @@ Paper protocol: 25 chunks sampled evenly and their horizontal flips, fully convo
 frames (short side 256), scores averaged over all positions before softmax, streams fused by
 averaging. Centre protocol: the same chunks, one `crop_size` centre crop, no flips. Every
 evaluation can save its per-video scores (`strnet.scores`), and saved scores fuse later without
-data or model, exactly as fusing the checkpoints would.
+data or model, exactly as fusing the checkpoints would. A 3D ResNet (Hara et al. 2017, Sec. 3.2.2)
+is evaluated on non-overlapping 16-frame windows, centre-cropped, its class probabilities
+averaged (`strnet.clips3d`); its saved scores are the log of those averages.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 import numpy as np
+from tqdm import tqdm
 
 from strnet.config import ConfigError
 from strnet.models import is_two_stream
 from strnet.resolve import class_names
 from strnet.runtime import (  # noqa: F401 - video_scores/views re-exported for callers
     PROTOCOLS,
+    DeviceName,
     list_path,
     load_trained,
     open_data,
@@ -107,10 +112,13 @@ def checkpoint_scores(
     device: str,
     test_list: str,
     num_workers: int,
+    on_start: Callable[[int], None] | None = None,
+    on_video: Callable[[], None] | None = None,
 ) -> VideoScores:
     """Per-stream video scores of one training checkpoint on the test list of `split`.
 
     Class names are the checkpoint's (older checkpoints: from the videos' metadata).
+    `on_start(n)` is told the number of test videos, `on_video()` each one scored (progress).
     """
     trained = load_trained(checkpoint)
     cfg = trained.cfg
@@ -126,9 +134,11 @@ def checkpoint_scores(
     ctx = setup_device(device)
     reader = open_data(data_root)
     loader = test_loader(cfg, reader, items, protocol=protocol, num_workers=num_workers)
+    if on_start is not None:
+        on_start(len(items))
     streams = score_videos(
         trained.model.to(ctx.device), loader, two_stream=is_two_stream(cfg.model.name),
-        device=ctx.device, flips=protocol == "paper",
+        device=ctx.device, flips=protocol == "paper", on_video=on_video,
     )  # fmt: skip
     names = trained.classes or class_names(reader, items, k)
     labels = np.array([label for _, label in items], dtype=np.int64)
@@ -175,6 +185,8 @@ def evaluate(
     test_list: str = "",
     num_workers: int = 0,
     name: str | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_video: Callable[[], None] | None = None,
 ) -> dict:
     """Evaluate trainer checkpoint(s) or saved scores on the test list of `split`; the metrics.
 
@@ -182,14 +194,15 @@ def evaluate(
     averaged (Table 3's two-stream column from the appearance and motion phases); saved `.npz`
     scores fuse without data or model. With `out`, writes `<name>_split<N>.json`,
     `<name>_split<N>_confusion.png` and `<name>_split<N>_scores.npz` there (`strnet.scores`);
-    `name` defaults to the inputs' run-folder names joined by `+`.
+    `name` defaults to the inputs' run-folder names joined by `+`. `on_start(n)` and
+    `on_video()` report each checkpoint's progress (`checkpoint_scores`).
     """
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {protocol!r}; use {' or '.join(PROTOCOLS)}")
     paths = list(checkpoint) if isinstance(checkpoint, list | tuple) else [checkpoint]
     name = check_name(name) if name else "+".join(default_name(p) for p in paths)
     kw = dict(protocol=protocol, test_chunks=test_chunks, device=device, test_list=test_list,
-              num_workers=num_workers)  # fmt: skip
+              num_workers=num_workers, on_start=on_start, on_video=on_video)  # fmt: skip
     scores = combine(
         [(default_name(p), str(p), source_scores(p, data_root, split, **kw)) for p in paths]
     )
@@ -252,7 +265,9 @@ def mean_over_splits(results: list[dict]) -> dict:
     type=click.Choice(PROTOCOLS),
     default="paper",
     show_default=True,
-    help="paper: 25 chunks + flips on whole frames; center: one centre crop.",
+    help="paper: 25 chunks + flips on whole frames; center: one centre crop. 3D ResNets: "
+    "paper = every non-overlapping 16-frame window, centre crop, probabilities averaged; "
+    "center = the middle window.",
 )
 @click.option(
     "--test-chunks",
@@ -276,7 +291,7 @@ def mean_over_splits(results: list[dict]) -> dict:
 )
 @click.option(
     "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
+    type=DeviceName(),
     default="auto",
     show_default=True,
     help="Where to run the model.",
@@ -284,6 +299,7 @@ def mean_over_splits(results: list[dict]) -> dict:
 @click.option(
     "-j", "--jobs", type=int, default=0, show_default=True, help="DataLoader worker processes."
 )
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option(
     "--fuse",
     is_flag=True,
@@ -292,7 +308,7 @@ def mean_over_splits(results: list[dict]) -> dict:
 )
 def eval_command(
     checkpoints, splits, data_root, protocol, test_chunks, test_list, out, name, device, jobs,
-    fuse,
+    quiet, fuse,
 ):  # fmt: skip
     """Evaluate CHECKPOINT(s) video by video; with three splits also print the mean.
 
@@ -301,12 +317,15 @@ def eval_command(
     """
     runs = check_eval_args(checkpoints, splits, data_root, out, name, fuse)
     results = []
+    bar = tqdm(unit="video", disable=True if quiet else None, dynamic_ncols=True)  # a terminal's
     try:
         for ckpt, split in runs:
             r = evaluate(
                 ckpt, data_root, split, protocol=protocol, test_chunks=test_chunks, out=out,
                 device=device, test_list=test_list, num_workers=jobs, name=name,
+                on_start=lambda n: bar.reset(total=n), on_video=bar.update,
             )  # fmt: skip
+            bar.clear()
             results.append(r)
             click.echo(
                 f"split {split}: top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  "
@@ -316,6 +335,8 @@ def eval_command(
         raise click.ClickException(str(exc)) from None
     except KeyError as exc:
         raise click.ClickException(str(exc.args[0]) if exc.args else "missing key") from None
+    finally:
+        bar.close()
     if len(results) > 1:
         m = mean_over_splits(results)
         click.echo(f"mean over splits {m['splits']}: top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}")

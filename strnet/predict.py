@@ -43,6 +43,7 @@ from strnet.config import ConfigError
 from strnet.models import is_two_stream
 from strnet.runtime import (
     PROTOCOLS,
+    DeviceName,
     Trained,
     load_trained,
     score_videos,
@@ -445,7 +446,7 @@ def predict(
               help="Chunks sampled evenly per video.")  # fmt: skip
 @click.option(
     "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
+    type=DeviceName(),
     default="auto",
     show_default=True,
     help="Where flow and the model run; auto picks CUDA when present.",

@@ -8,6 +8,7 @@ average streams with the one fusion, `strnet.st_resnet.fuse`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,10 +19,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from flowprep.layout import list_name
 from strnet.checkpoint import CheckpointError, load_checkpoint
-from strnet.config import ConfigError, TrainConfig, config_from_dict
+from strnet.clips3d import Clip3dConfig, Clip3dDataset, window_log_probs
+from strnet.config import DEVICE_NAME, DEVICES, ConfigError, TrainConfig, config_from_dict, is_set
 from strnet.data import ClipDataset, SamplingConfig, hflip_normalized_flow, read_split_list
-from strnet.models import MODEL_NAMES, create_model, is_two_stream, model_arguments
+from strnet.fusion import FUSION_ARGS
+from strnet.models import MODEL_NAMES, create_model, is_3d, is_two_stream, model_arguments
 from strnet.st_resnet import fuse
 from strnet.weights import strip_prefixes
 
@@ -53,28 +57,45 @@ class DeviceError(click.ClickException):
     exit_code = 2
 
 
+class DeviceName(click.ParamType):
+    """The `--device` option type of strnet's commands: auto, cpu, cuda or cuda:N."""
+
+    name = "auto|cpu|cuda[:N]"
+
+    def get_metavar(self, param, ctx=None) -> str:  # as written, not upper-cased
+        return self.name
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and DEVICE_NAME.fullmatch(value):
+            return value
+        self.fail(f"{value!r} is not one of {DEVICES}", param, ctx)
+
+
 def setup_device(preference: str = "auto") -> Context:
     """Pick the device and join the process group when torchrun started us.
 
-    Backend is nccl on CUDA and gloo on CPU; without WORLD_SIZE > 1 no group is created.
-    Raises DeviceError when `cuda` is asked for and this process has no GPU to use.
+    `cuda` is GPU LOCAL_RANK (0 without torchrun), `cuda:N` GPU N. Backend is nccl on CUDA and
+    gloo on CPU; without WORLD_SIZE > 1 no group is created. Raises DeviceError when a GPU is
+    asked for that this process does not have.
     """
-    if preference not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device must be auto, cpu or cuda, got {preference!r}")
-    if preference == "cuda" and not torch.cuda.is_available():
+    if not DEVICE_NAME.fullmatch(str(preference)):
+        raise ConfigError(f"device must be {DEVICES}, got {preference!r}")
+    kind, _, index = preference.partition(":")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise DeviceError(
-            "device 'cuda' asked for but no GPU is available (torch.cuda.is_available() is "
-            "False): use device cpu or auto"
+            f"device {preference!r} asked for but no GPU is available (torch.cuda.is_available() "
+            "is False): use device cpu or auto"
         )
-    use_cuda = preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
+    use_cuda = kind == "cuda" or (preference == "auto" and torch.cuda.is_available())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda and local >= torch.cuda.device_count():
-        raise DeviceError(
-            f"LOCAL_RANK is {local} but this machine has {torch.cuda.device_count()} GPU(s): "
-            "start at most one process per GPU"
-        )
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    gpu = int(index) if index else local
+    if use_cuda and gpu >= torch.cuda.device_count():
+        have = f"this machine has {torch.cuda.device_count()} GPU(s)"
+        if index:
+            raise DeviceError(f"device {preference!r} asked for but {have}")
+        raise DeviceError(f"LOCAL_RANK is {local} but {have}: start at most one process per GPU")
+    device = torch.device("cuda", gpu) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -111,7 +132,7 @@ def sampling_config(cfg: TrainConfig) -> SamplingConfig:
 def list_path(cfg: TrainConfig, subset: str) -> Path:
     """The train or test list file of `cfg.data.split` (`data.<subset>_list` if given)."""
     given = cfg.data.train_list if subset == "train" else cfg.data.test_list
-    return Path(given) if given else Path(cfg.data.root) / f"{subset}_split{cfg.data.split}.txt"
+    return Path(given) if given else Path(cfg.data.root) / list_name(subset, cfg.data.split)
 
 
 def split_items(cfg: TrainConfig, subset: str) -> list[tuple[str, int]]:
@@ -176,8 +197,12 @@ def test_loader(
     """
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {protocol!r}; use {' or '.join(PROTOCOLS)}")
-    sampling = replace(sampling_config(cfg), crop="none" if protocol == "paper" else "center")
-    dataset = ClipDataset(reader, items, sampling, train=False)
+    if is_3d(cfg.model.name):  # 3D ResNets: every 16-frame window (paper) or the middle one
+        windows = "all" if protocol == "paper" else "center"
+        dataset = Clip3dDataset(reader, items, clip3d_config(cfg, windows), train=False)
+    else:
+        sampling = replace(sampling_config(cfg), crop="none" if protocol == "paper" else "center")
+        dataset = ClipDataset(reader, items, sampling, train=False)
     return DataLoader(
         dataset,
         batch_size=None,
@@ -185,6 +210,24 @@ def test_loader(
         persistent_workers=persistent and num_workers > 0,
         generator=torch.Generator(),
     )
+
+
+# --- 3D ResNets (Hara et al. 2017): their clips and training dataset (strnet.clips3d) ---
+def clip3d_config(cfg: TrainConfig, windows: str = "all") -> Clip3dConfig:
+    """The 3D-clip view of the [data] section (crop rule, crop size, flip); `windows` at test."""
+    d = cfg.data
+    return Clip3dConfig(crop_size=d.crop_size, crop=d.crop, flip_p=d.flip_p, windows=windows)
+
+
+def train_dataset(cfg: TrainConfig, reader) -> ClipDataset | Clip3dDataset:
+    """The training dataset of the run: 3D clips for a 3D ResNet, else `ClipDataset` chunks."""
+    items = split_items(cfg, "train")
+    if is_3d(cfg.model.name):
+        return Clip3dDataset(reader, items, clip3d_config(cfg), train=True, seed=cfg.run.seed)
+    return ClipDataset(reader, items, sampling_config(cfg), train=True, seed=cfg.run.seed)
+
+
+# --- end of the 3D ResNet data path ---
 
 
 # --------------------------------------------------------------------------- model
@@ -198,10 +241,18 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
         raise ConfigError(f"unknown model.name {m.name!r}; known: {', '.join(MODEL_NAMES)}")
     if m.num_classes <= 0:
         raise ConfigError("model.num_classes is 0: resolve it from the data first")
+    if is_3d(m.name):  # a 3D ResNet reads RGB clips only
+        if d.use_flow or not d.use_rgb:
+            raise ConfigError(
+                f"{m.name} reads RGB clips: set data.use_rgb=true, data.use_flow=false"
+            )
+        kw3d = dict(num_classes=m.num_classes, width=m.width or 64, in_channels=m.in_channels or 3)
+        return create_model(m.name, **kw3d)
     kw = dict(num_classes=m.num_classes, width=m.width or 64, bn_sub_batch=m.bn_sub_batch or None)
     kw.update(stride_in_1x1=m.stride_in_1x1)
     if "residual_input" in model_arguments(m.name):  # ST-/STM-ResNet: eq. 2's x_a
         kw.update(residual_input=m.residual_input)
+    kw.update(fusion_kwargs(cfg))
     if is_two_stream(m.name):
         if not (d.use_rgb and d.use_flow):
             raise ConfigError(f"{m.name} needs data.use_rgb and data.use_flow")
@@ -210,7 +261,27 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
         if d.use_rgb == d.use_flow:
             raise ConfigError("a single-stream model needs data.use_rgb or data.use_flow, not both")
         kw.update(in_channels=m.in_channels or (3 if d.use_rgb else 2 * d.flow_stack))
-    return create_model(m.name, **kw)
+    return create_model(m.name, **{k: v for k, v in kw.items() if k in model_arguments(m.name)})
+
+
+FUSION_FIELDS = (*FUSION_ARGS, "dropout", "motion_net")  # model.* of the fusion_* models only
+
+
+def fusion_kwargs(cfg: TrainConfig) -> dict:
+    """The Two-Stream Fusion settings a fusion_* model takes (`strnet.fusion.fusion_net`); one
+    of them set for another model is a one-line ConfigError."""
+    m, known = cfg.model, model_arguments(cfg.model.name)
+    for key in FUSION_FIELDS:
+        if key not in known and is_set(cfg, f"model.{key}"):
+            raise ConfigError(f"model.{key} is a setting of the fusion_* models, not {m.name}")
+    if "fusion" in known and m.freeze_towers and not (m.init or m.init_appearance or m.init_motion):
+        raise ConfigError(
+            "model.freeze_towers trains only the layers from the fusion on: start from trained "
+            "towers (model.init_appearance, model.init_motion) or set it false"
+        )
+    kw = dict(fusion=m.fusion, fuse_at=m.fuse_at, truncate=m.truncate, pool3d=m.pool3d or None)
+    kw.update(freeze_towers=m.freeze_towers, dropout=m.dropout, motion_net=m.motion_net or None)
+    return kw
 
 
 @dataclass
@@ -238,8 +309,11 @@ def load_trained(path: str | Path) -> Trained:
 def forward_scores(model, batch: dict, two_stream: bool, device) -> dict[str, torch.Tensor]:
     """Per-stream class scores (B, T', K) of a batch of clips.
 
-    A single 2D stream classifies every chunk of (B, T, C, H, W) on its own.
+    A single 2D stream classifies every chunk of (B, T, C, H, W) on its own; a 3D ResNet's
+    clips (B, 3, T, H, W) give one position each, (B, 1, K).
     """
+    if "clip" in batch:  # 3D ResNet training clips (strnet.clips3d)
+        return {"appearance": model(batch["clip"].to(device, non_blocking=True))[:, None]}
     if two_stream:
         rgb = batch["rgb"].to(device, non_blocking=True)
         flow = batch["flow"].to(device, non_blocking=True)
@@ -275,24 +349,42 @@ def video_scores(model, views: dict, two_stream: bool, device, autocast) -> dict
 
 
 def score_videos(
-    model: torch.nn.Module, loader: DataLoader, *, two_stream: bool, device, flips: bool
+    model: torch.nn.Module,
+    loader: DataLoader,
+    *,
+    two_stream: bool,
+    device,
+    flips: bool,
+    on_video: Callable[[], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-stream (N, K) float32 scores of every video of a `test_loader`, model in eval mode.
 
     The caller's train/eval mode is restored afterwards (validation runs inside training).
+    `on_video()` is called after each video is scored (a progress bar).
     """
     was_training = model.training
     model.eval()
     autocast = autocast_for(torch.device(device))
     per_stream: dict[str, list] = {}
     try:
-        for sample in loader:
+        for sample in loader if on_video is None else _then(loader, on_video):
+            if "clips" in sample:  # a 3D ResNet: window probabilities averaged (Hara Sec. 3.2.2)
+                scores = window_log_probs(model, sample["clips"], device, autocast)
+                per_stream.setdefault("appearance", []).append(scores.numpy())
+                continue
             views = video_views(sample, flips=flips)
             for stream, s in video_scores(model, views, two_stream, device, autocast).items():
                 per_stream.setdefault(stream, []).append(s.numpy())
     finally:
         model.train(was_training)
     return {k: np.stack(v).astype(np.float32) for k, v in per_stream.items()}
+
+
+def _then(items, done: Callable[[], None]):
+    """Yield each item, calling `done()` once the consumer has finished with it."""
+    for item in items:
+        yield item
+        done()
 
 
 def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:

@@ -70,8 +70,13 @@ class VideoScores:
     protocol: str = ""
 
     def fused(self) -> np.ndarray:
-        """(N, K) video scores: every stream averaged before softmax (`st_resnet.fuse`)."""
-        return fuse({k: torch.from_numpy(v) for k, v in self.streams.items()}).numpy()
+        """(N, K) video scores: every stream averaged before softmax (`fuse_arrays`)."""
+        return fuse_arrays(self.streams)
+
+
+def fuse_arrays(streams: dict[str, np.ndarray]) -> np.ndarray:
+    """`st_resnet.fuse`, the one late fusion, on per-stream (N, K) numpy scores: (N, K)."""
+    return fuse({k: torch.from_numpy(v) for k, v in streams.items()}).numpy()
 
 
 def save_scores(path: str | Path, scores: VideoScores) -> Path:

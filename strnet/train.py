@@ -41,6 +41,7 @@ from strnet.models import is_two_stream
 from strnet.resolve import resolve_run
 from strnet.runtime import (  # noqa: F401 - build_model, Context, ... kept importable from here
     Context,
+    DeviceName,
     autocast_for,
     build_model,
     forward_scores,
@@ -52,8 +53,9 @@ from strnet.runtime import (  # noqa: F401 - build_model, Context, ... kept impo
     split_items,
     test_loader,
     topk_accuracy,
+    train_dataset,
 )
-from strnet.st_resnet import fuse
+from strnet.scores import fuse_arrays
 from strnet.weights import WeightsError, load_pretrained, strip_prefixes
 
 # What a run writes into its folder (and `--force` deletes); the checkpoint first, so a kill while
@@ -90,13 +92,8 @@ def build_loader(
     cfg: TrainConfig, ctx: Context, reader=None
 ) -> tuple[ClipDataset, ResumableSampler, dict]:
     """Training dataset, its resumable distributed sampler and the DataLoader arguments."""
-    dataset = ClipDataset(
-        reader if reader is not None else open_data(cfg.data.root),
-        split_items(cfg, "train"),
-        sampling_config(cfg),
-        train=True,
-        seed=cfg.run.seed,
-    )
+    reader = reader if reader is not None else open_data(cfg.data.root)
+    dataset = train_dataset(cfg, reader)  # ClipDataset, or a 3D ResNet's Clip3dDataset
     sampler = ResumableSampler(
         dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.run.seed
     )
@@ -615,8 +612,7 @@ def validate(run: Run) -> float | None:
             run.raw_model, run.val_loader, two_stream=is_two_stream(run.cfg.model.name),
             device=run.ctx.device, flips=False,
         )  # fmt: skip
-        fused = fuse({k: torch.from_numpy(v) for k, v in streams.items()}).numpy()
-        top1 = topk_accuracy(fused, run.val_labels, 1)
+        top1 = topk_accuracy(fuse_arrays(streams), run.val_labels, 1)
     if run.ctx.world_size > 1:
         dist.barrier()
     return top1
@@ -724,7 +720,7 @@ def train(
 )
 @click.option(
     "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
+    type=DeviceName(),
     default=None,
     help="Where to train (overrides run.device); cuda without a GPU is a usage error (exit 2).",
 )
@@ -736,7 +732,8 @@ def train_command(
     device: str | None, quiet: bool,
 ):  # fmt: skip
     """Train one phase: CONFIG is a TOML file or a shipped phase (motion, appearance,
-    st-resnet, st-resnet-star). Under torchrun every rank runs this command.
+    st-resnet, st-resnet-star, fusion, fusion-3d, resnet3d18-kinetics, resnet3d34-kinetics).
+    Under torchrun every rank runs this command.
 
     Exit status: 0 done; 1 a bad config, list, data or checkpoint, a run folder that needs
     --resume or --force, or a --resume that changes the run's settings (one line each); 2 a usage

@@ -66,3 +66,33 @@ def test_exchange_swaps_two_folders_or_says_it_cannot(tmp_path: Path, monkeypatc
         assert exchange_paths(tmp_path / "a", tmp_path / "b") is False
     finally:
         atomic._renameat2.cache_clear()
+
+
+def test_write_fsyncs_the_file_then_its_folder(tmp_path: Path, monkeypatch) -> None:
+    import stat
+
+    synced, real = [], os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    write_text_atomic(tmp_path / "a.txt", "x")
+    assert synced == ["file", "folder"]  # the rename is durable once the folder is synced
+    assert (tmp_path / "a.txt").read_text() == "x"
+
+
+def test_a_folder_that_cannot_be_synced_is_skipped(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    real = os.fsync
+
+    def no_dir_sync(fd: int) -> None:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", no_dir_sync)
+    write_text_atomic(tmp_path / "a.txt", "y")
+    assert (tmp_path / "a.txt").read_text() == "y"

@@ -294,3 +294,25 @@ def test_cpu_pairs_never_share_a_reduction_that_torch_splits(
     frames = np.zeros((7, *size), np.uint8)
     compute_flow(frames[:-1], frames[1:], device="cpu", nscales=1, warps=1, outer_iterations=1)
     assert sizes == expected
+
+
+def test_device_option_takes_cuda_n_and_a_missing_gpu_is_one_line(tmp_path, monkeypatch):
+    import torch
+
+    from flowprep.flow_service import resolve_devices
+
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "a.avi").write_bytes(b"not decoded: the device is refused first")
+    base = ["extract", str(tmp_path / "v"), "-o", str(tmp_path / "o"), "--modality", "flow"]
+    r = CliRunner().invoke(main, [*base, "--device", "gpu"])
+    assert r.exit_code == 2 and "'gpu' is not one of auto, cpu, cuda or cuda:N" in r.output
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = CliRunner().invoke(main, [*base, "--device", "cuda:1"])
+    assert r.exit_code == 2 and "Error: --device cuda:1, but torch sees no CUDA device" in r.output
+    assert not (tmp_path / "o").exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_devices("cuda:1") == ["cuda:1"]
+    assert resolve_devices("cuda") == ["cuda:0", "cuda:1"]
+    with pytest.raises(ValueError, match=r"--device cuda:2, but torch sees 2 CUDA device\(s\)"):
+        resolve_devices("cuda:2")

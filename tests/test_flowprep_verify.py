@@ -200,3 +200,20 @@ def test_shard_files_the_index_does_not_name_fail(frames: Path, tmp_path: Path) 
     ]
     res = CliRunner().invoke(main, ["verify", str(tmp_path / "s")])
     assert res.exit_code == 1
+
+
+def test_verify_and_pack_report_progress(make_frame_folder, tmp_path):
+    for v in ("c1/v_a", "c1/v_b", "c2/v_c"):
+        make_frame_folder(v, num_frames=3)
+    frames, seen = tmp_path / "frames", {"start": [], "videos": [], "packed": []}
+    problems = verify(frames, on_start=seen["start"].append, on_video=seen["videos"].append)
+    assert problems == [] and seen["start"] == [3]
+    assert seen["videos"] == ["c1/v_a", "c1/v_b", "c2/v_c"]
+    pack(frames, tmp_path / "s", on_start=seen["start"].append, on_packed=seen["packed"].extend)
+    assert seen["start"] == [3, 3] and seen["packed"] == ["c1/v_a", "c1/v_b", "c2/v_c"]
+    for command in (
+        ["verify", str(frames), "-q"],
+        ["pack", str(frames), "-o", str(tmp_path / "s"), "-q"],
+    ):
+        r = CliRunner().invoke(main, command)
+        assert r.exit_code == 0 and "\r" not in r.output, r.output  # no bar with -q

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -74,3 +75,44 @@ def test_viz_command_error_is_one_line(tmp_path):
     assert result.output.strip().splitlines() == [
         f"Error: no flow_x_*.jpg in {tmp_path / 'empty'}; extract with --modality flow or both"
     ]
+
+
+def test_viz_reads_frame_roots_and_shards_through_the_reader(make_frame_folder, tmp_path):
+    from flowprep.shards import pack
+
+    make_frame_folder("c1/v_a", num_frames=4)
+    frames, shards = tmp_path / "frames", tmp_path / "shards"
+    pack(frames, shards)
+    runner = CliRunner()
+    runs = {
+        "folder": [str(frames / "c1" / "v_a"), "-o", str(tmp_path / "folder")],
+        "root": [str(frames), str(tmp_path / "root"), "--video", "c1/v_a"],
+        "shards": [str(shards), "-o", str(tmp_path / "shards_png"), "--video", "c1/v_a", "-n", "2"],
+    }
+    panels = {}
+    for name, args in runs.items():
+        result = runner.invoke(main, ["viz", *args])
+        assert result.exit_code == 0, result.output
+        out = Path(args[args.index("-o") + 1] if "-o" in args else args[1])
+        panels[name] = [cv2.imread(str(p)) for p in sorted(out.glob("viz_*.png"))]
+    assert len(panels["folder"]) == len(panels["root"]) == 3 and len(panels["shards"]) == 2
+    for a, b in zip(panels["root"], panels["shards"], strict=False):
+        np.testing.assert_array_equal(a, b)  # the same JPEG bytes, the same decoder
+    for a, b in zip(panels["folder"], panels["root"], strict=True):
+        assert a.shape == b.shape == (24, 128, 3)
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2  # cv2.imread vs the reader
+
+
+def test_viz_output_option_and_errors(make_frame_folder, tmp_path):
+    folder = make_frame_folder("v", num_frames=3)
+    runner = CliRunner()
+    r = runner.invoke(main, ["viz", str(folder), str(tmp_path / "a"), "-o", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "give the output folder once: OUT or -o/--output" in r.output
+    r = runner.invoke(main, ["viz", str(folder)])
+    assert r.exit_code == 2 and "missing the output folder: give OUT or -o/--output" in r.output
+    r = runner.invoke(main, ["viz", str(tmp_path / "frames"), "-o", str(tmp_path / "c"),
+                             "--video", "nope"])  # fmt: skip
+    assert r.exit_code == 1
+    assert r.output == f"Error: {tmp_path / 'frames'}: no video 'nope'\n"
+    r = runner.invoke(main, ["viz", str(folder), "-o", str(tmp_path / "d"), "-n", "1"])
+    assert r.exit_code == 0 and r.output == f"wrote 1 panels to {tmp_path / 'd'}\n"

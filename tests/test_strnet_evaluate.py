@@ -204,8 +204,22 @@ def test_eval_outputs_are_named_and_scores_load_without_pickles(trained, tmp_pat
     r = evaluate(tmp_path / "old.pt", str(clips), 1, protocol="center", test_chunks=2)
     assert r["classes"] == ["c0", "c1"]  # from the videos' metadata
     runner = CliRunner()
-    r = runner.invoke(eval_command, [str(other), "--split", "1", "--data", str(clips), "--out",
-                                     str(tmp_path), "--protocol", "center", "--test-chunks", "2"])
+    r = runner.invoke(
+        eval_command,
+        [
+            str(other),
+            "--split",
+            "1",
+            "--data",
+            str(clips),
+            "--out",
+            str(tmp_path),
+            "--protocol",
+            "center",
+            "--test-chunks",
+            "2",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "run-best_split1_scores.npz").is_file()
     r = runner.invoke(eval_command, [str(ckpt), "--split", "1", "--data", str(clips),
@@ -218,6 +232,29 @@ def test_eval_outputs_are_named_and_scores_load_without_pickles(trained, tmp_pat
         evaluate(ckpt, str(clips), 1, name="a/b")
     r = runner.invoke(eval_command, [str(ckpt), "--split", "1"])
     assert r.exit_code == 2 and "--data is needed to evaluate checkpoints" in r.output
-    r = runner.invoke(eval_command, [str(ckpt), str(other), "--split", "1", "--split", "1",
-                                     "--data", str(clips), "--out", str(tmp_path), "--name", "x"])
+    r = runner.invoke(
+        eval_command,
+        [
+            str(ckpt),
+            str(other),
+            "--split",
+            "1",
+            "--split",
+            "1",
+            "--data",
+            str(clips),
+            "--out",
+            str(tmp_path),
+            "--name",
+            "x",
+        ],
+    )
     assert r.exit_code == 2 and "would both write x_split1.json" in r.output
+
+
+def test_evaluate_reports_progress_video_by_video(trained):
+    ckpt, clips = trained
+    seen = []
+    r = evaluate(ckpt, str(clips), 1, protocol="center", test_chunks=2,
+                 on_start=seen.append, on_video=lambda: seen.append("scored"))  # fmt: skip
+    assert seen == [r["num_videos"]] + ["scored"] * r["num_videos"]

@@ -28,8 +28,13 @@ from strnet.scores import load_scores
 from strnet.train import train
 from strnet.weights import WeightsError, load_file, read_state_dict
 
-SHORT = ["optim.batch_size=2", "optim.micro_batch=2", "optim.lrs=[0.01]", "optim.iterations=[2]",
-         "run.precise_bn=2"]  # BN statistics of the final weights: sane scores to compare
+SHORT = [
+    "optim.batch_size=2",
+    "optim.micro_batch=2",
+    "optim.lrs=[0.01]",
+    "optim.iterations=[2]",
+    "run.precise_bn=2",
+]  # BN statistics of the final weights: sane scores to compare
 CHUNKS = 5  # test chunks: enough to repeat and spread positions over 12-frame videos
 
 
