@@ -12,6 +12,7 @@ Resume: the run's checkpoint fixes the network, the SGD batch and the learning-r
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from strnet.config import (
@@ -91,6 +92,28 @@ def class_names(reader, items: list[tuple[str, int]], num_classes: int) -> list[
         if meta.get("label") is not None and meta.get("label_index") == label:
             names[label] = str(meta["label"])
     return [name if name is not None else str(i) for i, name in enumerate(names)]
+
+
+def data_extract_settings(reader, items: list[tuple[str, int]]) -> tuple[dict | None, list[str]]:
+    """The extract settings (`meta.json` "settings") the training videos were prepared with.
+
+    Read from the first video of each class, as `class_names` reads names; stored in checkpoints
+    so `strnet predict` prepares new videos the same way. Videos that disagree, or carry none,
+    give None and a note: predict then takes its options.
+    """
+    seen: dict[str, dict] = {}
+    tried: set[int] = set()
+    for vid, label in items:
+        if label in tried or vid not in reader:
+            continue
+        tried.add(label)
+        settings = (getattr(reader[vid], "meta", None) or {}).get("settings")
+        if not isinstance(settings, dict):
+            return None, [f"video {vid!r} records no extract settings; none stored for predict"]
+        seen[json.dumps(settings, sort_keys=True)] = settings
+    if len(seen) > 1:
+        return None, ["training videos were extracted with different settings; none stored"]
+    return next(iter(seen.values()), None), []
 
 
 def strnet_config(path: str | Path) -> dict | None:

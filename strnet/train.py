@@ -38,7 +38,7 @@ from strnet.checkpoint import (
 from strnet.config import ConfigError, TrainConfig, load_config, to_dict
 from strnet.data import ClipDataset, ClippedStrideWarning, clipped_stride_message
 from strnet.models import is_two_stream
-from strnet.resolve import resolve_run
+from strnet.resolve import data_extract_settings, resolve_run
 from strnet.runtime import (  # noqa: F401 - build_model, Context, ... kept importable from here
     Context,
     DeviceName,
@@ -337,11 +337,13 @@ def checkpoint_state(
     *,
     classes: list[str] | None = None,
     best: dict | None = None,
+    extract_settings: dict | None = None,
 ) -> dict:
     """Everything `--resume` needs, as weights_only-loadable values.
 
     `classes` are the class names (index order); `best` the best validation so far
-    ({"step", "val_top1"}) or None.
+    ({"step", "val_top1"}) or None; `extract_settings` how the training videos were prepared
+    (`meta.json` "settings"), which `strnet predict` repeats on new videos.
     """
     raw = model.module if hasattr(model, "module") else model
     return {
@@ -354,6 +356,7 @@ def checkpoint_state(
         "config": to_dict(cfg),
         "classes": list(classes or []),
         "best": dict(best) if best else None,
+        "extract_settings": dict(extract_settings or {}),
     }
 
 
@@ -425,6 +428,7 @@ class Run:
     val_labels: np.ndarray | None = None
     writer: object = None  # TensorBoard, when installed (rank 0)
     warned_clipped: bool = False  # the short-video warning is given once per run
+    extract_settings: dict | None = None  # how the training videos were extracted (predict)
 
     @property
     def out(self) -> Path:
@@ -438,7 +442,7 @@ class Run:
         """The checkpoint of the run as it stands (`checkpoint_state`)."""
         return checkpoint_state(
             self.model, self.optimizer, self.step, self.pos, self.cfg,
-            classes=self.classes, best=self.best,
+            classes=self.classes, best=self.best, extract_settings=self.extract_settings,
         )  # fmt: skip
 
 
@@ -501,6 +505,8 @@ def start_run(cfg: TrainConfig, ctx: Context, resume: bool, force: bool) -> Run:
         raise ConfigError("optim.batch_size must be a multiple of micro_batch x world size")
     reader = open_data(cfg.data.root)
     classes, notes = resolve_run(cfg, reader, out / "checkpoint.pt" if resume else None)
+    extract_settings, more = data_extract_settings(reader, split_items(cfg, "train"))
+    notes += more
     torch.manual_seed(cfg.run.seed)
     dataset, _, loader_kw = build_loader(cfg, ctx, reader)
     model = build_model(cfg)
@@ -514,10 +520,12 @@ def start_run(cfg: TrainConfig, ctx: Context, resume: bool, force: bool) -> Run:
     total = sum(o.iterations) if cfg.run.max_steps <= 0 else cfg.run.max_steps
     accum = o.batch_size // (o.micro_batch * ctx.world_size)
     run = Run(cfg, ctx, model, optimizer, dataset, make_loader(dataset, loader_kw), loader_kw,
-              classes, accum, total)  # fmt: skip
+              classes, accum, total, extract_settings=extract_settings)  # fmt: skip
     if resume:
         state = load_resume(out / "checkpoint.pt", model, optimizer)
         run.step, run.pos, run.best = state["step"], state["pos"], state["best"]
+        fixed = restore_best(out, run.best, run.step) if ctx.is_main else None
+        notes += [fixed] if fixed else []
     if cfg.run.sync_bn and ctx.world_size > 1:
         run.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(run.model)
     if ctx.world_size > 1:
@@ -618,6 +626,42 @@ def validate(run: Run) -> float | None:
     return top1
 
 
+def save_best(run: Run) -> None:
+    """Write checkpoint.pt, then best.pt as its copy, both knowing this step is the best.
+
+    Checkpoint first: best.pt never belongs to a step the run's checkpoint has not reached, so a
+    resume cannot keep a best.pt from a future it then replays differently (`restore_best`).
+    """
+    data = save_checkpoint(run.out / "checkpoint.pt", run.state()).read_bytes()
+    write_atomic(run.out / "best.pt", lambda f: f.write(data))
+
+
+def restore_best(out: Path, best: dict | None, step: int) -> str | None:
+    """On resume, make best.pt the one the checkpoint knows; a note when it had to be fixed.
+
+    A kill between checkpoint.pt and best.pt in `save_best` leaves the older best.pt: the
+    checkpoint at the best step is that model, so it is copied. A best.pt of another step than
+    the checkpoint's best (written by strnet before this order) is removed.
+    """
+    path = out / "best.pt"
+    known = None
+    if path.is_file():
+        try:
+            known = load_checkpoint(path).get("step")
+        except CheckpointError:
+            known = None
+    if best is not None and known == best["step"]:
+        return None
+    if best is not None and best["step"] == step:
+        data = (out / "checkpoint.pt").read_bytes()
+        write_atomic(path, lambda f: f.write(data))
+        return f"best.pt restored from checkpoint.pt (step {step}, the best)"
+    if path.is_file():
+        path.unlink()
+        return f"best.pt (step {known}) was not the best the checkpoint knows: removed"
+    return None
+
+
 def after_step(run: Run, record: dict, clock: tuple[float, int], autocast) -> None:
     """End of a step: precise BN (last step), validation and best.pt, logs, checkpoint.pt."""
     cfg, step, main = run.cfg, run.step, run.ctx.is_main
@@ -630,12 +674,14 @@ def after_step(run: Run, record: dict, clock: tuple[float, int], autocast) -> No
                                 autocast)  # fmt: skip
         batches.close()
     val_due = cfg.run.val_every > 0 and (step % cfg.run.val_every == 0 or last)
+    saved = False  # checkpoint.pt already written at this step (with a new best)
     top1 = validate(run) if val_due else None
     if top1 is not None:
         record["val_top1"] = top1
         if run.best is None or top1 > run.best["val_top1"]:  # a tie keeps the earlier step
             run.best = {"step": step, "val_top1": top1}
-            save_checkpoint(run.out / "best.pt", run.state())
+            save_best(run)
+            saved = True
     log_due = step % cfg.run.log_every == 0 or last
     if main and (log_due or top1 is not None):
         log_metrics(run.out, record, run.writer)
@@ -643,7 +689,7 @@ def after_step(run: Run, record: dict, clock: tuple[float, int], autocast) -> No
         per_step = (time.perf_counter() - clock[0]) / max(step - clock[1], 1)
         print(progress_line(step, run.total, record, per_step), file=sys.stderr, flush=True)
     if step % cfg.run.ckpt_every == 0 or last:
-        if main:
+        if main and not saved:
             save_checkpoint(run.out / "checkpoint.pt", run.state())
         if run.ctx.world_size > 1:
             dist.barrier()

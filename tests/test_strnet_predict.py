@@ -102,10 +102,10 @@ def test_predict_equals_extract_then_eval(world, which, protocol):
 
 
 def test_settings_carried_by_the_checkpoint(world, tmp_path):
-    """A checkpoint holding its data's extract settings needs no --short-side; an option that
-    disagrees wins with a note, two checkpoints that disagree are refused."""
+    """Training stores its data's extract settings, so predict needs no --short-side; an option
+    that disagrees wins with a note, two checkpoints that disagree are refused."""
     ckpt = torch.load(world["ckpts"]["motion"], weights_only=True)
-    ckpt[EXTRACT_KEY] = {
+    assert ckpt[EXTRACT_KEY] == {  # what `flowprep extract --short-side 32` wrote in meta.json
         "short_side": 32,
         "jpeg_quality": 95,
         "modality": "both",
@@ -113,9 +113,7 @@ def test_settings_carried_by_the_checkpoint(world, tmp_path):
         "flow_bound": 20.0,
         "flow_format": "jpeg",
     }
-    carried = tmp_path / "motion" / "checkpoint.pt"
-    carried.parent.mkdir()
-    torch.save(ckpt, carried)
+    carried = world["ckpts"]["motion"]
     predictor = Predictor([carried], protocol="center", test_chunks=CHUNKS, device="cpu")
     assert predictor.settings.short_side == 32 and predictor.notes == []
     results = predict(predictor, [world["videos"]])
@@ -130,8 +128,10 @@ def test_settings_carried_by_the_checkpoint(world, tmp_path):
     torch.save(ckpt, other)
     with pytest.raises(ConfigError, match=r"^short_side: '.*' was trained on 32 but '.*' on 64"):
         Predictor([carried, other], device="cpu")
-    no_flags = Predictor([world["ckpts"]["motion"]], device="cpu")
-    assert no_flags.settings.short_side == 256  # extract's default
+    ckpt[EXTRACT_KEY] = {}  # a checkpoint from before the settings were stored
+    bare = tmp_path / "bare.pt"
+    torch.save(ckpt, bare)
+    assert Predictor([bare], device="cpu").settings.short_side == 256  # extract's default
 
 
 def test_predict_command_fuses_reports_a_bad_video_and_goes_on(world, tmp_path):
@@ -303,3 +303,23 @@ def test_download_with_a_wrong_hash_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv(weights.IMAGENET_URL_ENV, (tmp_path / "missing-12345678.pth").as_uri())
     with pytest.raises(WeightsError, match=r"^cannot download file://.*offline, set model.init"):
         load_file("imagenet")
+
+
+def test_mixed_or_missing_settings_are_not_stored():
+    """Training videos prepared differently (or before meta.json held settings) store none."""
+    from types import SimpleNamespace
+
+    from strnet.resolve import data_extract_settings
+
+    a, b = {"short_side": 256, "modality": "both"}, {"short_side": 128, "modality": "both"}
+    reader = {
+        "x": SimpleNamespace(meta={"settings": a}),
+        "y": SimpleNamespace(meta={"settings": dict(a)}),
+        "z": SimpleNamespace(meta={"settings": b}),
+        "old": SimpleNamespace(meta={}),
+    }
+    assert data_extract_settings(reader, [("x", 0), ("y", 1)]) == (a, [])
+    assert data_extract_settings(reader, [("x", 0), ("z", 1)])[0] is None
+    settings, notes = data_extract_settings(reader, [("x", 0), ("old", 1)])
+    assert settings is None and "'old' records no extract settings" in notes[0]
+    assert data_extract_settings(reader, [("x", 0), ("gone", 1)]) == (a, [])  # not in the data

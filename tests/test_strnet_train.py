@@ -371,6 +371,43 @@ def test_validation_keeps_the_best_checkpoint_through_a_resume(clips, tmp_path):
     assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3]
 
 
+def test_a_kill_between_checkpoint_and_best_is_repaired_on_resume(clips, tmp_path, monkeypatch):
+    """save_best writes checkpoint.pt first; killed before best.pt, the resume copies it."""
+    base = [
+        "optim.batch_size=2", "optim.micro_batch=2", "optim.lrs=[0.05]", "optim.iterations=[3]",
+        "run.val_every=2", "data.test_chunks=2",
+    ]  # fmt: skip
+    real = strnet.train.write_atomic
+
+    def killed_at_best(path, write):
+        if Path(path).name == "best.pt":
+            raise KeyboardInterrupt  # SIGKILL between the two renames
+        return real(path, write)
+
+    monkeypatch.setattr(strnet.train, "write_atomic", killed_at_best)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(clips, tmp_path / "run", *base, config="motion"))
+    monkeypatch.undo()
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["step"] == 2 and ckpt["best"]["step"] == 2  # the checkpoint knows its best
+    assert not (tmp_path / "run" / "best.pt").exists()
+    resumed = train(tiny(clips, tmp_path / "run", *base, config="motion"), resume=True)
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["step"] == resumed["best"]["step"] and best["best"] == resumed["best"]
+
+
+def test_a_best_from_beyond_the_checkpoint_is_removed_on_resume(tmp_path):
+    from strnet.train import restore_best
+
+    torch.save({"step": 4, "best": {"step": 4, "val_top1": 0.9}}, tmp_path / "best.pt")
+    note = restore_best(tmp_path, {"step": 2, "val_top1": 0.5}, step=3)
+    assert note == "best.pt (step 4) was not the best the checkpoint knows: removed"
+    assert not (tmp_path / "best.pt").exists()
+    torch.save({"step": 2}, tmp_path / "best.pt")
+    assert restore_best(tmp_path, {"step": 2, "val_top1": 0.5}, step=3) is None  # the right one
+    assert (tmp_path / "best.pt").exists()
+
+
 def test_quiet_progress_lines_short_video_warning_and_overwrite(clips, tmp_path):
     out = tmp_path / "q"
     sets = [
