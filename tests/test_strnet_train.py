@@ -613,8 +613,9 @@ def fake_tensorboard(monkeypatch) -> dict:
 
 
 def test_metrics_hold_each_step_once_after_a_kill_and_resume(clips, tmp_path, monkeypatch):
-    """Killed at step 4 (checkpoint of step 2), a torn last line: the resumed run's metrics and
-    TensorBoard events equal an uninterrupted run's, each step once."""
+    """Killed at step 4 (checkpoint of step 3: the validation there was a new best, which writes
+    one), a torn last line: the resumed run's metrics and TensorBoard events equal an
+    uninterrupted run's, each step once."""
     events = fake_tensorboard(monkeypatch)
     base = [
         *SHORT[:2], "optim.lrs=[0.05,0.01]", "optim.iterations=[3,3]", "run.ckpt_every=2",
@@ -633,7 +634,7 @@ def test_metrics_hold_each_step_once_after_a_kill_and_resume(clips, tmp_path, mo
     with pytest.raises(Killed):
         train(tiny(clips, part, *base, config="motion"))
     monkeypatch.setattr(strnet.train, "save_checkpoint", save)
-    assert load_checkpoint(part / "checkpoint.pt")["step"] == 2
+    assert load_checkpoint(part / "checkpoint.pt")["step"] == 3
     with open(part / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "lr": 0.0')  # a line a kill or a full disk cut short
     train(tiny(clips, part, *base, config="motion"), resume=True)
