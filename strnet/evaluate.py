@@ -25,6 +25,7 @@ from strnet.resolve import class_names
 from strnet.runtime import (  # noqa: F401 - video_scores/views re-exported for callers
     PROTOCOLS,
     DeviceName,
+    list_line,
     list_path,
     load_trained,
     open_data,
@@ -126,10 +127,13 @@ def checkpoint_scores(
     cfg.data.test_chunks = test_chunks
     items = split_items(cfg, "test")
     k = cfg.model.num_classes
-    bad = [label for _, label in items if not 0 <= label < k]
+    bad = [(vid, label) for vid, label in items if not 0 <= label < k]
     if bad:
+        vid, label = bad[0]
+        where = list_line(list_path(cfg, "test"), vid)
         raise ConfigError(
-            f"label {bad[0]} in {list_path(cfg, 'test')} but '{checkpoint}' has {k} classes"
+            f"{where}: label {label} of {vid!r} is out of range: '{checkpoint}' has {k} classes "
+            f"(labels 0-{k - 1})"
         )
     ctx = setup_device(device)
     reader = open_data(data_root)

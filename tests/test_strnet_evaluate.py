@@ -258,3 +258,17 @@ def test_evaluate_reports_progress_video_by_video(trained):
     r = evaluate(ckpt, str(clips), 1, protocol="center", test_chunks=2,
                  on_start=seen.append, on_video=lambda: seen.append("scored"))  # fmt: skip
     assert seen == [r["num_videos"]] + ["scored"] * r["num_videos"]
+
+
+def test_a_label_beyond_the_classifier_names_its_list_line(trained, tmp_path):
+    ckpt, clips = trained
+    lines = (clips / "test_split1.txt").read_text().splitlines()
+    vid = lines[-1].split()[0]
+    bad = tmp_path / "test.txt"
+    bad.write_text("\n".join(lines[:-1] + [f"{vid} {lines[-1].split()[1]} 5"]) + "\n")
+    with pytest.raises(ConfigError) as exc:
+        evaluate(ckpt, str(clips), 1, test_list=str(bad))
+    assert str(exc.value) == (
+        f"{bad}:{len(lines)}: label 5 of {vid!r} is out of range: '{ckpt}' has 2 classes "
+        "(labels 0-1)"
+    )
