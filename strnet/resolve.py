@@ -135,21 +135,24 @@ def init_sources(cfg: TrainConfig, resume_path: Path | None) -> list[tuple[str, 
     return [(k, f"'{getattr(m, k)}' (model.{k})", getattr(m, k)) for k in keys if getattr(m, k)]
 
 
-def inherited_fields(cfg: TrainConfig, source: dict, key: str) -> dict[str, int]:
+def inherited_fields(cfg: TrainConfig, source: dict, key: str) -> dict[str, int | str]:
     """Dotted field -> value of the architecture settings a checkpoint's config passes on.
 
-    The flow stack only where both the run and the checkpoint's stream see flow.
+    The flow stack and its offset only where both the run and the checkpoint's stream see flow
+    (a motion stream's filters mean one alignment of stack and frame; a config stored before the
+    offset existed was trained with 0).
     """
-    out = {"model.width": int(source["model"]["width"])}
+    out: dict[str, int | str] = {"model.width": int(source["model"]["width"])}
     if cfg.data.use_flow and source["data"]["use_flow"] and key != "init_appearance":
         out["data.flow_stack"] = int(source["data"]["flow_stack"])
+        out["data.flow_offset"] = source["data"].get("flow_offset", 0)
     return out
 
 
 def inherit_architecture(
     cfg: TrainConfig, num_classes: int, resume_path: Path | None = None, *, loaded=None
 ) -> list[str]:
-    """Set `model.width` / `data.flow_stack` from strnet init checkpoints unless set; notes.
+    """Set `model.width`, `data.flow_stack` / `flow_offset` from strnet init checkpoints unless set.
 
     The data's `num_classes` must match a checkpoint's unless `model.num_classes` is set (then
     the classifier starts anew: transfer to another dataset) and never differs on resume.
@@ -157,6 +160,7 @@ def inherit_architecture(
     """
     explicit = {"model.width": cfg.model.width != 0}
     explicit["data.flow_stack"] = is_set(cfg, "data.flow_stack")
+    explicit["data.flow_offset"] = is_set(cfg, "data.flow_offset")
     explicit_k, got, notes = cfg.model.num_classes != 0, {}, []
     for init_key, where, path in init_sources(cfg, resume_path):
         source = (loaded or {})[path] if path in (loaded or {}) else strnet_config(path)

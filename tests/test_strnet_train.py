@@ -321,9 +321,21 @@ def test_architecture_is_inherited_from_strnet_init_checkpoints(clips, tmp_path)
     resolve_run(cfg, open_data(str(clips)))
     assert (cfg.model.width, cfg.data.flow_stack, cfg.model.num_classes) == (8, 3, 2)
     assert initialise(build_model(cfg), cfg)[0].endswith("0 mismatched")
+    old = torch.load(flow, weights_only=True)  # a motion stream trained before flow_offset existed
+    del old["config"]["data"]["flow_offset"]
+    torch.save(old, tmp_path / "old-flow.pt")
+    cfg = unset(
+        clips, tmp_path / "st", f"model.init_motion={json.dumps(str(tmp_path / 'old-flow.pt'))}"
+    )
+    resolve_run(cfg, open_data(str(clips)))
+    assert cfg.data.flow_offset == 0  # the alignment its filters were trained on, not "center"
     for extra, line in [
         ("model.width=16", f"model.width is 16 but '{rgb}' (model.init_appearance) has 8"),
         ("data.flow_stack=10", f"data.flow_stack is 10 but '{flow}' (model.init_motion) has 3"),
+        (
+            "data.flow_offset=0",
+            f"data.flow_offset is 0 but '{flow}' (model.init_motion) has center",
+        ),
     ]:
         with pytest.raises(ConfigError) as exc:
             resolve_run(unset(clips, tmp_path / "st", *inits, extra), open_data(str(clips)))
