@@ -360,6 +360,20 @@ class FusionNet(nn.Module):
                 for p in below(tower, cut).parameters():
                     p.requires_grad_(False)
 
+    def train(self, mode: bool = True) -> FusionNet:
+        """As nn.Module.train, but frozen towers keep their BatchNorm statistics too.
+
+        Frozen weights with running statistics that drift with the new batches would not be
+        the towers that were trained (ResNet towers; VGG has no BatchNorm).
+        """
+        super().train(mode)
+        if getattr(self, "freeze_towers", False) and self.cut is not None:
+            for tower, cut in zip((self.appearance, self.motion), self.cut, strict=True):
+                for m in below(tower, cut).modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+        return self
+
     def _inject(self, num_classes: int) -> None:
         cut_a, cut_m = point(self.appearance, self.fuse_at), point(self.motion, self.fuse_at)
         self.cut = (cut_a, cut_m)

@@ -227,6 +227,13 @@ def test_frozen_towers_train_only_from_the_fusion_on():
     assert not grads & {"appearance.conv1.weight", "motion.layer3.5.bn3.weight"}
     with pytest.raises(ValueError, match="^freeze_towers needs a fusion layer"):
         create_model("fusion_vgg16", width=2, freeze_towers=True)
+    frozen, trained = net.motion.layer3[5].bn3, net.motion.layer4[0].bn1
+    before = frozen.running_mean.clone(), trained.running_mean.clone()
+    net.train()  # frozen towers keep their BN statistics; layers after the fusion update theirs
+    assert not frozen.training and trained.training
+    net(torch.randn(2, 1, 3, 64, 64), torch.randn(2, 1, 4, 64, 64))
+    assert torch.equal(frozen.running_mean, before[0])
+    assert not torch.equal(trained.running_mean, before[1])
 
 
 @pytest.mark.parametrize(
