@@ -25,7 +25,7 @@ from strnet.config import (
 )
 from strnet.models import is_two_stream
 from strnet.runtime import list_line, list_path, split_items
-from strnet.weights import load_file
+from strnet.weights import IMAGENET, load_file
 
 INIT_KEYS = ("init", "init_appearance", "init_motion")
 DEFAULT_WIDTH = 64  # model.width when neither the user nor a checkpoint sets it (the paper's)
@@ -118,6 +118,8 @@ def data_extract_settings(reader, items: list[tuple[str, int]]) -> tuple[dict | 
 
 def strnet_config(path: str | Path) -> dict | None:
     """The stored config of a strnet training checkpoint; None for a plain state dict."""
+    if str(path) == IMAGENET:  # torchvision's file: nothing to inherit, nothing to download
+        return None
     obj = load_file(path)
     if isinstance(obj, dict) and isinstance(obj.get("config"), dict) and "model" in obj:
         return obj["config"]

@@ -2,7 +2,8 @@
 
 Pure functions over state dicts with torchvision keys. A checkpoint is read with
 `torch.load(..., weights_only=True)` only. The one download is `imagenet` (`model.init=imagenet`):
-torchvision's ResNet-50 V1 file, fetched once by `torch.hub.load_state_dict_from_url` with
+torchvision's ResNet V1 file of the network's depth (ResNet-50 for the two-stream papers, 18/34
+inflated for 3D ResNets), fetched once by `torch.hub.load_state_dict_from_url` with
 `check_hash=True` into torch's hub cache and checked against its sha256 prefix whenever it is read.
 """
 
@@ -29,6 +30,20 @@ IMAGENET = "imagenet"  # the `model.init*` value that names torchvision's ImageN
 # torchvision's ResNet50_Weights.IMAGENET1K_V1 (76.13 % top-1): the original ResNet-50 training
 # recipe, the weights of the two-stream papers' era (V2, 80.86 %, is a 2021 recipe).
 IMAGENET_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
+IMAGENET_URLS = {  # torchvision's IMAGENET1K_V1 file of each depth
+    18: "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    34: "https://download.pytorch.org/models/resnet34-b627a593.pth",
+    50: IMAGENET_URL,
+    101: "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+    152: "https://download.pytorch.org/models/resnet152-394f9c45.pth",
+}
+RESNET_BLOCKS = {  # (blocks per stage, bottleneck) -> depth, for 2D and 3D ResNets alike
+    ((2, 2, 2, 2), False): 18,
+    ((3, 4, 6, 3), False): 34,
+    ((3, 4, 6, 3), True): 50,
+    ((3, 4, 23, 3), True): 101,
+    ((3, 8, 36, 3), True): 152,
+}
 IMAGENET_URL_ENV = "STRNET_IMAGENET_URL"  # another URL of a file named <name>-<sha256 prefix>.<ext>
 _verified: dict[Path, tuple[int, int]] = {}  # hub files whose hash matched: (size, mtime_ns)
 
@@ -51,9 +66,20 @@ def strip_prefixes(state_dict: dict) -> dict:
     return out
 
 
-def imagenet_url() -> str:
-    """The URL `imagenet` stands for: $STRNET_IMAGENET_URL if set, else `IMAGENET_URL`."""
-    return os.environ.get(IMAGENET_URL_ENV) or IMAGENET_URL
+def imagenet_url(depth: int = 50) -> str:
+    """The URL `imagenet` stands for: $STRNET_IMAGENET_URL if set, else torchvision's V1 file of
+    a ResNet of `depth` layers (`IMAGENET_URLS`)."""
+    return os.environ.get(IMAGENET_URL_ENV) or IMAGENET_URLS[depth]
+
+
+def resnet_depth(module: nn.Module) -> int | None:
+    """The torchvision depth of a 2D or 3D ResNet (its blocks per stage), None for another net."""
+    try:
+        stages = tuple(len(getattr(module, f"layer{i}")) for i in range(1, 5))
+        bottleneck = hasattr(module.layer1[0], "conv3")
+    except (AttributeError, TypeError, IndexError):
+        return None
+    return RESNET_BLOCKS.get((stages, bottleneck))
 
 
 def hub_path(url: str) -> Path:
@@ -283,7 +309,17 @@ def load_pretrained(
     tower truncated after the fusion point) are skipped. Any other missing,
     unexpected or mismatched key raises WeightsError naming them, and nothing is loaded.
     """
-    where = "state dict" if isinstance(source, dict) else f"'{source}'"
+    if isinstance(source, str) and source == IMAGENET:
+        depth = resnet_depth(module)
+        if depth is None:
+            raise WeightsError(
+                f"imagenet: torchvision's ImageNet files are ResNets of 18-152 layers, and "
+                f"{type(module).__name__} is not one; give model.init a local weights file"
+            )
+        source = strip_prefixes(fetch_imagenet(imagenet_url(depth)))
+        where = f"imagenet (ResNet-{depth})"
+    else:
+        where = "state dict" if isinstance(source, dict) else f"'{source}'"
     state = strip_prefixes(source) if isinstance(source, dict) else read_state_dict(source)
     target = module.state_dict()
     report, usable = LoadReport(), {}

@@ -214,14 +214,14 @@ def test_decoding_overlaps_the_previous_video(world, monkeypatch):
 
 
 # --------------------------------------------------------------------------- ImageNet weights
-def small_hub_file(folder: Path) -> tuple[Path, dict]:
-    """A width-8 ResNet-50 state dict in a file named `<name>-<sha256 prefix>.pth`."""
-    state = create_model("resnet50", num_classes=7, width=8, in_channels=3).state_dict()
+def small_hub_file(folder: Path, name: str = "resnet50") -> tuple[Path, dict]:
+    """A width-8 ResNet state dict in a file named `<name>tiny-<sha256 prefix>.pth`."""
+    state = create_model(name, num_classes=7, width=8, in_channels=3).state_dict()
     tmp = folder / "tmp.pth"
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(state, tmp)
     digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    path = tmp.rename(folder / f"resnet50tiny-{digest[:8]}.pth")
+    path = tmp.rename(folder / f"{name}tiny-{digest[:8]}.pth")
     return path, state
 
 
@@ -323,3 +323,32 @@ def test_mixed_or_missing_settings_are_not_stored():
     settings, notes = data_extract_settings(reader, [("x", 0), ("old", 1)])
     assert settings is None and "'old' records no extract settings" in notes[0]
     assert data_extract_settings(reader, [("x", 0), ("gone", 1)]) == (a, [])  # not in the data
+
+
+def test_imagenet_names_the_file_of_the_networks_depth(tmp_path, monkeypatch):
+    """imagenet is torchvision's V1 file of the ResNet's depth: 18/34 inflate into 3D ResNets."""
+    monkeypatch.delenv(weights.IMAGENET_URL_ENV, raising=False)
+    names = {d: weights.hub_path(weights.imagenet_url(d)).name for d in (18, 34, 50, 101, 152)}
+    assert names == {
+        18: "resnet18-f37072fd.pth",
+        34: "resnet34-b627a593.pth",
+        50: "resnet50-0676ba61.pth",
+        101: "resnet101-63fe2227.pth",
+        152: "resnet152-394f9c45.pth",
+    }
+    depth = weights.resnet_depth
+    kw = dict(num_classes=3, width=2)
+    assert [depth(create_model(f"resnet{d}", **kw)) for d in (18, 34, 50)] == [18, 34, 50]
+    assert [depth(create_model(f"resnet3d{d}", **kw)) for d in (18, 34)] == [18, 34]
+    assert depth(create_model("vggm2048", **kw)) is None
+    with pytest.raises(WeightsError, match="^imagenet: torchvision's ImageNet files are ResNets"):
+        weights.load_pretrained(create_model("vggm2048", **kw), "imagenet")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(weights, "_verified", {})
+    path, state = small_hub_file(tmp_path / "server", "resnet18")
+    monkeypatch.setenv(weights.IMAGENET_URL_ENV, path.as_uri())
+    net = create_model("resnet3d18", num_classes=3, width=8)
+    report = weights.load_pretrained(net, "imagenet")
+    assert "conv1.weight" in report.adapted and "fc.weight" in report.missing  # a new head
+    inflated = state["conv1.weight"].unsqueeze(2).repeat(1, 1, 7, 1, 1) / 7
+    assert torch.allclose(net.conv1.weight, inflated)
