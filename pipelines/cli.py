@@ -73,8 +73,9 @@ def parse_data(items: tuple[str, ...]) -> dict[str, Path] | Path | None:
     "data",
     multiple=True,
     metavar="[NAME=]ROOT",
-    help="Dataset root (UCF101: UCF-101/ + ucfTrainTestlist/; a synthetic set: "
-    "videos/ + classInd.txt); NAME= picks the dataset when the table has several.",
+    help="Dataset root (UCF101: UCF-101/ + ucfTrainTestlist/; Kinetics: annotations/*.csv "
+    "+ clips; a synthetic set: videos/ + classInd.txt); NAME= picks the dataset when the "
+    "table has several.",
 )
 @click.option(
     "--out",
@@ -95,7 +96,8 @@ def parse_data(items: tuple[str, ...]) -> dict[str, Path] | Path | None:
 def run_command(config: str, data: tuple, out: Path | None, overrides: tuple, dry_run: bool):
     """Run every stage of a paper table: CONFIG is a shipped name or a TOML file.
 
-    Shipped: synthetic_mini (the README's demo), synthetic_ci, st_resnet_table3.
+    Shipped: synthetic_mini (the README's demo), synthetic_ci, st_resnet_table3,
+    fusion_table1, resnet3d_table2.
     """
     from pipelines.pipeline import run_pipeline, stage_status
 

@@ -15,7 +15,9 @@ from pathlib import Path
 from strnet.config import ConfigError, check_value, parse_override, tomllib
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-DATASET_KINDS = ("synthetic", "ucf101", "hmdb51")
+DATASET_KINDS = ("synthetic", "ucf101", "hmdb51", "kinetics")
+# flowprep extract --modality: RGB frames, flow or both (Kinetics 3D ResNets read RGB only)
+MODALITIES = ("rgb", "flow", "both")
 # Names from the config become folder and file names: keep them to one safe path component.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+-]{0,63}$")
 # Where the official layouts keep videos and split files, relative to a dataset root.
@@ -23,6 +25,15 @@ DEFAULT_LAYOUT = {
     "synthetic": ("videos", "."),
     "ucf101": ("UCF-101", "ucfTrainTestlist"),
     "hmdb51": ("hmdb51", "testTrainMulti_7030_splits"),
+    # clips found by name anywhere under the root (flowprep.kinetics); the CSVs in annotations/
+    "kinetics": (".", "annotations"),
+}
+# `flowprep index --format` of each kind (the synthetic set is written in UCF101's layout)
+INDEX_FORMATS = {
+    "synthetic": "ucf101",
+    "ucf101": "ucf101",
+    "hmdb51": "hmdb51",
+    "kinetics": "kinetics",
 }
 
 
@@ -45,9 +56,9 @@ class SynthSettings:
 class DatasetSpec:
     """One dataset of the table: where its videos and split files are, or how to render it."""
 
-    kind: str = "ucf101"  # synthetic, ucf101 or hmdb51
+    kind: str = "ucf101"  # synthetic, ucf101, hmdb51 or kinetics
     root: str = ""  # dataset root (--data overrides); empty for synthetic = render into the run
-    videos: str = ""  # video folder relative to root; default per kind (UCF-101, hmdb51, videos)
+    videos: str = ""  # video folder relative to root; default per kind (UCF-101, hmdb51, videos, .)
     splits_dir: str = ""  # split-file folder relative to root; default per kind
     paper_row: str = ""  # which paper row stands beside ours (e.g. UCF101); default: the name
     synth: SynthSettings = field(default_factory=SynthSettings)
@@ -58,6 +69,7 @@ class PrepareSettings:
     """flowprep index/extract/pack options shared by every dataset of the table."""
 
     short_side: int = 256  # resize so the short side has this length (0 keeps the source size)
+    modality: str = "both"  # what extract writes: rgb, flow or both (every phase's inputs)
     flow_backend: str = "torch"  # torch (ours) or opencv (the reference)
     flow_compile: str = "auto"  # torch.compile TV-L1: auto, on or off
     flow_batch: int = 8  # consecutive pairs per flow call
@@ -264,6 +276,15 @@ def validate(cfg: PipelineConfig, path: Path) -> PipelineConfig:
             raise PipelineError(f"datasets.{name}.kind {ds.kind!r}: use {', '.join(DATASET_KINDS)}")
         if len(ds.synth.size) != 2:
             raise PipelineError(f"datasets.{name}.synth.size must be [width, height]")
+        if ds.kind == "kinetics" and cfg.splits != [1]:  # train vs validate: one split
+            raise PipelineError(
+                f"datasets.{name}: a kinetics dataset has one split (train/validate); "
+                f"splits must be [1], got {cfg.splits}"
+            )
+    if cfg.prepare.modality not in MODALITIES:
+        raise PipelineError(
+            f"prepare.modality {cfg.prepare.modality!r}: use {', '.join(MODALITIES)}"
+        )
     names = list(cfg.phases)
     for name, phase in cfg.phases.items():
         if not phase.config:

@@ -12,7 +12,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from pipelines.config import DEFAULT_LAYOUT, DatasetSpec, PipelineConfig, PipelineError
+from flowprep.kinetics import kinetics_csvs
+from pipelines.config import (
+    DEFAULT_LAYOUT,
+    INDEX_FORMATS,
+    DatasetSpec,
+    PipelineConfig,
+    PipelineError,
+)
 from strnet.config import ConfigError, load_config
 
 PY = [sys.executable, "-m"]
@@ -55,6 +62,11 @@ def dataset_paths(name: str, ds: DatasetSpec, data: dict[str, Path]) -> tuple[st
     if marker and not (root / splits / marker).is_file():
         where = str(PurePosixPath(splits) / marker)
         raise PipelineError(f"data root {root} is not a {ds.kind} dataset: no {where!r}")
+    if ds.kind == "kinetics" and not kinetics_csvs(root / splits):
+        raise PipelineError(
+            f"data root {root} is not a kinetics dataset: no CSV with a youtube_id column "
+            f"in {splits!r}"
+        )
     return str(root / videos), str(root / splits), False
 
 
@@ -71,10 +83,10 @@ def prepare_stages(name: str, ds: DatasetSpec, cfg: PipelineConfig, data: dict) 
         stages.append(Stage(f"synth/{name}", "synth", cmd, f"data/{name}"))
         deps = [stages[-1].name]
     index = PY + ["flowprep", "index", videos, "-s", splits, "-o", f"{prep}/index/manifest.jsonl"]
-    fmt = {"ucf101": "ucf101", "hmdb51": "hmdb51", "synthetic": "ucf101"}[ds.kind]
-    stages.append(Stage(f"index/{name}", "index", index + ["--format", fmt], f"{prep}/index", deps))
+    index += ["--format", INDEX_FORMATS[ds.kind]]
+    stages.append(Stage(f"index/{name}", "index", index, f"{prep}/index", deps))
     extract = PY + ["flowprep", "extract", f"{prep}/index/manifest.jsonl", "--video-root", videos]
-    extract += ["-o", f"{prep}/frames", "--modality", "both", "--short-side", str(p.short_side)]
+    extract += ["-o", f"{prep}/frames", "--modality", p.modality, "--short-side", str(p.short_side)]
     extract += ["--flow-backend", p.flow_backend, "--flow-compile", p.flow_compile]
     extract += ["--flow-batch", str(p.flow_batch), "-j", str(p.jobs), "-q"]
     # exit 3: some videos failed; they are listed in failures.jsonl and left out of the lists
@@ -126,9 +138,16 @@ def train_stage(cfg: PipelineConfig, dataset: str, split: int, phase: str) -> St
             values.setdefault(f"model.{key}", "")
     overrides = [f"{k}={toml_value(v)}" for k, v in values.items()]
     try:  # unknown keys and ill-typed values fail now, before any stage runs
-        load_config(spec.config, overrides)
+        data = load_config(spec.config, overrides).data
     except ConfigError as exc:
         raise PipelineError(f"phase {phase}: {exc}") from None
+    written = {"both": ("rgb", "flow")}.get(cfg.prepare.modality, (cfg.prepare.modality,))
+    for stream, used in (("rgb", data.use_rgb), ("flow", data.use_flow)):
+        if used and stream not in written:
+            raise PipelineError(
+                f"phase {phase} reads {stream} but prepare.modality is "
+                f"{cfg.prepare.modality!r}: use both"
+            )
     cmd = PY + ["strnet", "train", spec.config, "--out", out, "-q"]
     for item in overrides:
         cmd += ["--set", item]

@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from pipelines.cli import main
 from pipelines.config import PipelineError, load_pipeline, shipped_configs
-from pipelines.plan import plan
+from pipelines.plan import Stage, plan
+from strnet.config import load_config
+from strnet.runtime import build_model
 
 
 def keys(cfg) -> dict[str, str]:
@@ -29,6 +32,130 @@ def test_every_shipped_config_loads_and_plans() -> None:
         else:
             stages = plan(cfg)
             assert stages[-1].name == "table" and len({s.key for s in stages}) == len(stages)
+
+
+def fake_root(tmp_path: Path, kind: str) -> Path:
+    """An empty dataset root that passes the plan's layout checks (no videos: nothing runs)."""
+    root = tmp_path / kind
+    if kind == "ucf101":
+        (root / "UCF-101").mkdir(parents=True)
+        (root / "ucfTrainTestlist").mkdir()
+        (root / "ucfTrainTestlist" / "classInd.txt").write_text("1 A\n")
+    else:  # kinetics: the CSVs in annotations/, clips anywhere under the root
+        (root / "annotations").mkdir(parents=True)
+        (root / "annotations" / "train.csv").write_text(
+            "label,youtube_id,time_start,time_end,split\n"
+        )
+    return root
+
+
+def phase_model(stage: Stage, num_classes: int):
+    """The network a planned `strnet train` stage builds (on the meta device: no memory)."""
+    config = stage.command[stage.command.index("train") + 1]
+    sets = [stage.command[i + 1] for i, a in enumerate(stage.command) if a == "--set"]
+    cfg = load_config(config, [*sets, f"model.num_classes={num_classes}"])
+    with torch.device("meta"):
+        return cfg, build_model(cfg)
+
+
+def test_fusion_table1_trains_the_towers_then_each_fusion_from_them(tmp_path: Path) -> None:
+    cfg = load_pipeline("fusion_table1")
+    stages = {s.name: s for s in plan(cfg, {"UCF101": fake_root(tmp_path, "ucf101")})}
+    # index, extract, pack + 7 phases trained and evaluated + the late-fusion column + table
+    assert len(stages) == 3 + 2 * 7 + 1 + 1
+    towers = ("train/UCF101/split1/appearance", "train/UCF101/split1/motion")
+    counts = {}  # Table 1's parameters at K = 101, L = 10 (tests/test_strnet_fusion.py)
+    for name, stage in stages.items():
+        if stage.kind != "train":
+            continue
+        tcfg, net = phase_model(stage, 101)
+        if name in towers:
+            assert tcfg.model.name == "vggm2048" and not tcfg.model.init_appearance
+            continue
+        assert set(towers) <= set(stage.deps)
+        assert f'model.init_motion="{towers[1]}/checkpoint.pt"' in stage.command
+        assert tcfg.model.freeze_towers and tcfg.model.fuse_at == "relu5"
+        assert (tcfg.model.name, tcfg.model.truncate, tcfg.data.flow_stack) == (
+            "fusion_vggm2048", True, 10)  # fmt: skip
+        counts[tcfg.model.fusion] = sum(p.numel() for p in net.parameters())
+    assert counts == {"max": 97_236_421, "concat": 172_733_893, "bilinear": 39_613_893,
+                      "sum": 97_236_421, "conv": 97_761_221}  # fmt: skip
+    fuse = stages["eval/UCF101/split1/sum-softmax"]
+    assert fuse.kind == "fuse" and fuse.deps == [
+        "eval/UCF101/split1/appearance", "eval/UCF101/split1/motion"]  # fmt: skip
+    evals = [s for s in stages.values() if s.kind == "eval"]
+    assert all(s.command[s.command.index("--test-chunks") + 1] == "5" for s in evals)
+    papers = {c.key: c.paper["UCF101"] for c in cfg.columns}
+    assert papers == {"appearance": 74.22, "motion": 82.34, "sum-softmax": 85.94, "max": 82.70,
+                      "concat": 83.53, "bilinear": 85.05, "sum": 85.20, "conv": 85.96}  # fmt: skip
+
+
+def test_resnet3d_table2_indexes_kinetics_and_extracts_rgb_only(tmp_path: Path) -> None:
+    cfg = load_pipeline("resnet3d_table2")
+    root = fake_root(tmp_path, "kinetics")
+    stages = {s.name: s for s in plan(cfg, {"Kinetics": root})}
+    assert len(stages) == 3 + 2 * 2 + 1  # index, extract, pack, 2 x (train, eval), table
+    index = stages["index/Kinetics"].command
+    assert index[index.index("--format") + 1] == "kinetics"
+    assert index[index.index("-s") + 1] == str(root.resolve() / "annotations")
+    extract = stages["extract/Kinetics"].command
+    assert extract[extract.index("--modality") + 1] == "rgb"
+    assert extract[extract.index("--short-side") + 1] == "360"
+    counts = {}  # Hara Table 1 at K = 400 (tests/test_strnet_resnet3d.py)
+    for depth in (18, 34):
+        tcfg, net = phase_model(stages[f"train/Kinetics/split1/resnet3d{depth}"], 400)
+        assert (tcfg.data.use_rgb, tcfg.data.use_flow, tcfg.data.crop_size) == (True, False, 112)
+        counts[depth] = sum(p.numel() for p in net.parameters())
+    assert counts == {18: 33_235_280, 34: 63_544_912}
+    assert [c.paper for c in cfg.columns] == [{}, {"Kinetics": 58.0}]
+
+
+@pytest.mark.parametrize(("name", "kind"), [("fusion_table1", "ucf101"),
+                                            ("resnet3d_table2", "kinetics")])  # fmt: skip
+def test_new_tables_dry_run_lists_every_stage(name: str, kind: str, tmp_path: Path) -> None:
+    root = fake_root(tmp_path, kind)
+    cfg = load_pipeline(name)
+    (dataset,) = cfg.datasets
+    args = ["run", name, "--data", f"{dataset}={root}", "--out", str(tmp_path / "run"), "--dry-run"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    expected = [s.name for s in plan(cfg, {dataset: root})]
+    assert result.output.splitlines() == [f"todo     {n}" for n in expected]
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "message"),
+    [
+        ("resnet3d_table2", ["splits=[1,2]"], "datasets.Kinetics: a kinetics dataset has one "
+         "split (train/validate); splits must be [1], got [1, 2]"),
+        ("resnet3d_table2", ["prepare.modality='gray'"], "prepare.modality 'gray': use rgb, "
+         "flow, both"),
+        ("resnet3d_table2", ["datasets.Kinetics.kind='kinetic'"], "datasets.Kinetics.kind "
+         "'kinetic': use synthetic, ucf101, hmdb51, kinetics"),
+        ("fusion_table1", ["prepare.modality='rgb'"], "phase motion reads flow but "
+         "prepare.modality is 'rgb': use both"),
+    ],
+)  # fmt: skip
+def test_kinetics_and_modality_settings_are_checked(name, overrides, message, tmp_path) -> None:
+    root = fake_root(tmp_path, "ucf101" if name == "fusion_table1" else "kinetics")
+    with pytest.raises(PipelineError) as exc:
+        cfg = load_pipeline(name, overrides)
+        plan(cfg, {next(iter(cfg.datasets)): root})
+    assert str(exc.value) == message
+
+
+def test_kinetics_root_without_csvs_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "classInd.txt").write_text("1 A\n")
+    result = CliRunner().invoke(
+        main, ["run", "resnet3d_table2", "--data", str(tmp_path), "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: data root {tmp_path} is not a kinetics dataset: no CSV with a youtube_id "
+        "column in 'annotations'\n"
+    )
 
 
 def test_table3_stages_follow_the_papers_phases(tmp_path: Path) -> None:
@@ -64,6 +191,8 @@ def test_a_changed_setting_rekeys_what_depends_on_it_and_nothing_else() -> None:
         "eval/Synthetic/split1/st-resnet",
         "train/Synthetic/split1/st-resnet-star",
         "eval/Synthetic/split1/st-resnet-star",
+        "train/Synthetic/split1/fusion",  # conv fusion starts from the motion stream too
+        "eval/Synthetic/split1/fusion",
         "table",
     }
     prep = keys(load_pipeline("synthetic_ci", ["prepare.short_side=32"]))
@@ -78,7 +207,7 @@ def test_a_changed_setting_rekeys_what_depends_on_it_and_nothing_else() -> None:
         (["no_such_table"], "Error: config 'no_such_table' not found (shipped: "),
         (["synthetic_ci", "--set", "prepare.shortside=3"], "Error: unknown config key "
          "'prepare.shortside'; known: flow_backend, flow_batch, flow_compile, jobs, "
-         "shard_size, short_side"),
+         "modality, shard_size, short_side"),
         (["synthetic_ci", "--set", "prepare.jobs=two"], "Error: prepare.jobs: expected int, "
          "got 'two'"),
         (["synthetic_ci", "--set", "train.model.widht=8"], "Error: phase appearance: unknown "

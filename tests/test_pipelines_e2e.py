@@ -18,6 +18,7 @@ import pytest
 from pipelines.config import load_pipeline
 
 COLUMNS = ["Appearance stream", "Motion stream", "Two-Streams", "ST-ResNet", "ST-ResNet*"]
+COLUMNS += ["Conv fusion", "3D ResNet-18"]
 KINDS = ["appearance", "motion", "wmw", "order"]
 
 
@@ -42,7 +43,7 @@ def test_table_has_every_column_row_and_group(ci_run) -> None:
     assert header in md
     ours = [ln for ln in md.splitlines() if ln.startswith("| Synthetic (ours) | 1 |")]
     assert len(ours) == 1 and ours[0].count("|") == len(COLUMNS) + 3
-    assert "| UCF101 (paper) | | 82.3 | 79.0 | 89.5 | 92.8 | 93.5 |" in md
+    assert "| UCF101 (paper) | | 82.3 | 79.0 | 89.5 | 92.8 | 93.5 | 86.0 | – |" in md
     for kind in KINDS:
         assert any(ln.startswith(f"| {kind} | ") for ln in md.splitlines())
     rows = list(csv.DictReader((run / "table.csv").open()))
@@ -63,7 +64,7 @@ def test_rerun_skips_every_stage(ci_run) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     stages = [ln for ln in result.stdout.splitlines() if ln.startswith("[")]
     assert stages and all(ln.endswith(": cached") for ln in stages), stages
-    assert len(stages) == 14  # synth, index, extract, pack, 4 x (train, eval), fuse, table
+    assert len(stages) == 18  # synth, index, extract, pack, 6 x (train, eval), fuse, table
     assert (run / "table.csv").read_bytes() == before
 
 

@@ -55,7 +55,7 @@ TABLE1 = {  # row: (create_model arguments, our count from the table above, pape
     # Table 2, ReLU5 + FC8 (Fig. 2 right): both towers kept, their scores averaged at test
     "conv@relu5+fc8": ({"fusion": "conv", "truncate": False}, sum(RGB + FLOW) + CONV, 181.68e6),
 }
-# What is left between the paper's Table 1 and an exact count (see README, "Two-Stream Fusion"):
+# What is left between the paper's Table 1 and an exact count (docs/strnet.md, "Two-Stream Fusion"):
 # - every row is ~80 K above ours: the paper's numbers are those of two towers whose conv1 both
 #   take 2L = 20 channels (96 x 17 x 7 x 7 = 79,968 more), e.g. 181,415,562 = 181.42 M;
 #   97,316,389 is printed 97.31 M (cut, not rounded) and 172,813,861 172.81 M.
