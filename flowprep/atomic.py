@@ -118,11 +118,8 @@ def lock_exclusive(path: Path, wait_s: float = 0.0) -> int | None:
     """
     deadline = time.monotonic() + wait_s
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = _flocked(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644))
+        if fd is None:
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.02)
@@ -130,6 +127,26 @@ def lock_exclusive(path: Path, wait_s: float = 0.0) -> int | None:
         if _same_file(fd, path):
             return fd
         os.close(fd)  # its holder deleted it meanwhile: lock the current file
+
+
+def lock_directory(path: Path) -> int | None:
+    """An exclusive flock on the directory `path` itself: its open fd, or None if busy.
+
+    For folders whose contents are the product (a shard folder): no lock file is added. Released
+    when the fd is closed or the process dies. `path` is the user's output folder, which may
+    well be a symlink to another disk: locking through it creates and follows nothing further.
+    """
+    return _flocked(os.open(path, os.O_RDONLY | os.O_DIRECTORY))
+
+
+def _flocked(fd: int) -> int | None:
+    """`fd` once it holds an exclusive flock; closed and None if another process holds one."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _same_file(fd: int, path: Path) -> bool:

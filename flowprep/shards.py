@@ -23,7 +23,6 @@ same time stops with a one-line error.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -34,7 +33,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from flowprep.atomic import write_json_atomic
+from flowprep.atomic import lock_directory, write_json_atomic
 from flowprep.layout import (
     CHECKSUMS,
     CRC_SUFFIX,
@@ -166,12 +165,9 @@ def _video_bytes(folder: Path) -> int:
 
 def _lock_directory(path: Path) -> int:
     """flock the directory itself, so two runs never write shards into it at once."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ShardError(f"{path}: another flowprep run is writing shards here") from None
+    fd = lock_directory(path)
+    if fd is None:
+        raise ShardError(f"{path}: another flowprep run is writing shards here")
     return fd
 
 

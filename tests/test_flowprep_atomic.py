@@ -96,3 +96,25 @@ def test_a_folder_that_cannot_be_synced_is_skipped(tmp_path: Path, monkeypatch) 
     monkeypatch.setattr(os, "fsync", no_dir_sync)
     write_text_atomic(tmp_path / "a.txt", "y")
     assert (tmp_path / "a.txt").read_text() == "y"
+
+
+def test_lock_directory_is_exclusive_across_processes(tmp_path):
+    """One implementation of flock for lock files and for folders locked as they are."""
+    import subprocess
+    import sys
+
+    from flowprep.atomic import lock_directory
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    fd = lock_directory(folder)
+    assert fd is not None and sorted(folder.iterdir()) == []  # no lock file added
+    probe = "import sys; from flowprep.atomic import lock_directory as f; print(f(sys.argv[1]))"
+
+    def other_process() -> str:
+        cmd = [sys.executable, "-c", probe, str(folder)]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+
+    assert other_process() == "None"  # busy while this process holds it
+    os.close(fd)
+    assert other_process().isdigit()  # free once released
