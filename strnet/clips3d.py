@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from strnet.data import CropBox, crop_resize, hflip_rgb, read_frames
+from strnet.data import CropBox, check_in_reader, crop_resize, hflip_rgb, read_frames
 from strnet.resnet3d import CLIP_FRAMES, CLIP_SIZE, loop_frames
 
 KINETICS_MEAN = np.array([110.63666788, 103.16065604, 96.29023126], dtype=np.float32)  # 0-255
@@ -118,10 +118,7 @@ class Clip3dDataset(Dataset):
         train: bool = True,
         seed: int = 0,
     ) -> None:
-        missing = [vid for vid, _ in items if vid not in reader]
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise KeyError(f"video {missing[0]!r} of the list is not in the data{more}")
+        check_in_reader(reader, items)
         if cfg.crop not in CROPS_3D:
             raise ValueError(f"3D clips need data.crop {' or '.join(CROPS_3D)}, got {cfg.crop!r}")
         window_starts(1, 1, cfg.windows)  # a bad value fails here, not in a worker

@@ -298,6 +298,14 @@ class ClippedStrideWarning(UserWarning):
     """A training video was too short for the sampled chunk stride tau (reduced or padded)."""
 
 
+def check_in_reader(reader, items: Sequence[tuple[str, int]]) -> None:
+    """Every listed video is in the data; else a KeyError naming the first and how many more."""
+    missing = [vid for vid, _ in items if vid not in reader]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise KeyError(f"video {missing[0]!r} of the list is not in the data{more}")
+
+
 class ClipDataset(Dataset):
     """Clips of a flowprep reader for training (random) or testing (evenly spaced chunks).
 
@@ -317,10 +325,7 @@ class ClipDataset(Dataset):
         train: bool = True,
         seed: int = 0,
     ) -> None:
-        missing = [vid for vid, _ in items if vid not in reader]
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise KeyError(f"video {missing[0]!r} of the list is not in the data{more}")
+        check_in_reader(reader, items)
         self.reader, self.items, self.cfg = reader, list(items), cfg
         self.train, self.seed, self.epoch = train, seed, 0
         stack_offset(cfg.flow_offset, cfg.flow_stack)  # a bad offset fails here, not in a worker

@@ -23,6 +23,7 @@ from torch import nn
 
 from strnet.layers import TemporalMaxPool, per_chunk
 from strnet.resnet import resnet
+from strnet.st_resnet import check_clip_pair
 from strnet.vgg import VGG, vgg
 
 FUSIONS = ("sum", "max", "concat", "conv", "bilinear", "conv3d")
@@ -399,14 +400,7 @@ class FusionNet(nn.Module):
         return rows
 
     def forward(self, rgb: torch.Tensor, flow: torch.Tensor) -> dict[str, torch.Tensor]:
-        for name, x in (("rgb", rgb), ("flow", flow)):
-            if not isinstance(x, torch.Tensor) or x.dim() != 5:
-                shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                raise ValueError(f"{name} must be clips (B, T, C, H, W), got {shape}")
-        if rgb.shape[:2] != flow.shape[:2] or rgb.shape[-2:] != flow.shape[-2:]:
-            raise ValueError(
-                f"rgb {tuple(rgb.shape)} and flow {tuple(flow.shape)} need the same B, T, H, W"
-            )
+        check_clip_pair(rgb, flow)
         rgb, flow = self.appearance.check_input(rgb), self.motion.check_input(flow)
         if self.cut is None:  # late fusion: the trainer and evaluation average the two
             return {"appearance": run(self.appearance, rgb, None, None),

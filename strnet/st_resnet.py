@@ -19,6 +19,18 @@ from strnet.resnet import LINK_UNIT, ResNet
 STREAMS = ("appearance", "motion")
 
 
+def check_clip_pair(rgb: torch.Tensor, flow: torch.Tensor) -> None:
+    """A two-stream input: clips (B, T, C, H, W) of equal B, T, H, W; else a one-line ValueError."""
+    for name, x in (("rgb", rgb), ("flow", flow)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 5:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be clips (B, T, C, H, W), got {shape}")
+    if rgb.shape[:2] != flow.shape[:2] or rgb.shape[-2:] != flow.shape[-2:]:
+        raise ValueError(
+            f"rgb {tuple(rgb.shape)} and flow {tuple(flow.shape)} need the same B, T, H, W"
+        )
+
+
 class TwoStream(nn.Module):
     """Appearance and motion ResNets with one classifier and one loss each (Sec. 3.4).
 
@@ -49,14 +61,7 @@ class TwoStream(nn.Module):
         return [f"{name}.{k}" for name in STREAMS for k in getattr(self, name).fresh_keys()]
 
     def forward(self, rgb: torch.Tensor, flow: torch.Tensor) -> dict[str, torch.Tensor]:
-        for name, x in (("rgb", rgb), ("flow", flow)):
-            if not isinstance(x, torch.Tensor) or x.dim() != 5:
-                shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                raise ValueError(f"{name} must be clips (B, T, C, H, W), got {shape}")
-        if rgb.shape[:2] != flow.shape[:2] or rgb.shape[-2:] != flow.shape[-2:]:
-            raise ValueError(
-                f"rgb {tuple(rgb.shape)} and flow {tuple(flow.shape)} need the same B, T, H, W"
-            )
+        check_clip_pair(rgb, flow)
         taps: list[torch.Tensor] | None = [] if self.links else None
         motion = self.motion(flow, taps=taps)
         appearance = self.appearance(rgb, motion=taps)
