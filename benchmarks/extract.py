@@ -16,8 +16,9 @@ from pathlib import Path
 import cv2
 
 from flowprep.decode import output_size
-from flowprep.extract import ExtractSettings, run_batch
+from flowprep.extract import run_batch
 from flowprep.manifest import build_manifest
+from flowprep.settings import ExtractSettings
 
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "videos"
 

@@ -32,8 +32,9 @@ import numpy as np
 from joblib import Parallel, delayed
 
 from flowprep.decode import output_size
-from flowprep.extract import ExtractSettings, RuntimeOptions, run_batch
+from flowprep.extract import run_batch
 from flowprep.manifest import build_manifest
+from flowprep.settings import ExtractSettings, RuntimeOptions
 from pipelines.synthetic import write_video
 
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "videos"

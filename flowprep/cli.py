@@ -17,14 +17,7 @@ import click
 from tqdm import tqdm
 
 from flowprep import __version__
-from flowprep.extract import (
-    MODALITIES,
-    ExtractSettings,
-    OutputError,
-    RuntimeOptions,
-    VideoResult,
-    run_batch,
-)
+from flowprep.extract import run_batch
 from flowprep.extract_hdf5 import extract_to_shards
 from flowprep.flow_service import DEVICE_BATCH, resolve_devices
 from flowprep.kinetics import write_missing_list
@@ -36,7 +29,10 @@ from flowprep.manifest import (
     read_manifest,
     write_manifest,
 )
+from flowprep.ownership import OutputError
 from flowprep.reader import ReaderError
+from flowprep.resume import VideoResult
+from flowprep.settings import MODALITIES, ExtractSettings, RuntimeOptions
 from flowprep.shards import ShardError, pack, parse_size
 from flowprep.verify import verify
 from flowprep.viz import write_panels

@@ -11,25 +11,18 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from flowprep.extract import (
-    ExtractSettings,
-    RuntimeOptions,
-    VideoResult,
-    exists,
-    own_folder,
-    plan,
-    run_batch,
-    source_identity,
-    write_reports,
-)
+from flowprep.extract import plan, run_batch, write_reports
 from flowprep.manifest import VideoEntry
+from flowprep.ownership import own_folder
+from flowprep.resume import VideoResult, exists, source_identity
+from flowprep.settings import ExtractSettings, RuntimeOptions
 from flowprep.shards import WORK_DIR, ShardWriter, read_index
 
 
 def _still_valid(index: dict, video_id: str, source: Path, settings: ExtractSettings) -> bool:
     """True when the packed copy of `video_id` was made with `settings` from this source file.
 
-    The same test `extract.is_done` applies to a frame folder's marker.
+    The same test `resume.is_done` applies to a frame folder's marker.
     """
     stamp = index["stamps"].get(video_id)
     if video_id not in index["videos"] or not isinstance(stamp, dict) or not exists(source):

@@ -35,10 +35,11 @@ import numpy as np
 import torch
 
 from flowprep.decode import VideoError, iter_frames
-from flowprep.extract import ExtractSettings, encode_jpeg
 from flowprep.flow_service import DEVICE_BATCH
 from flowprep.manifest import ManifestError, find_videos
 from flowprep.reader import decode_jpeg
+from flowprep.settings import ExtractSettings
+from flowprep.writing import encode_jpeg
 from strnet.config import ConfigError
 from strnet.models import is_two_stream
 from strnet.runtime import (

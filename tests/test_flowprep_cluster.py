@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from test_flowprep_extract import tree_bytes
 
-from flowprep.extract import ExtractSettings, run_batch
+from flowprep.extract import run_batch
 from flowprep.extract_hdf5 import extract_to_shards
 from flowprep.manifest import build_manifest
+from flowprep.settings import ExtractSettings
 from pipelines.synthetic import moving_shapes, write_video
 
 distributed = pytest.importorskip("distributed")

@@ -137,8 +137,9 @@ def test_quarter_turns_of_display_rotations() -> None:
 
 
 def test_extract_records_the_rotation_it_applied(tmp_path: Path) -> None:
-    from flowprep.extract import ExtractSettings, extract_video
+    from flowprep.extract import extract_video
     from flowprep.manifest import VideoEntry
+    from flowprep.settings import ExtractSettings
 
     (tmp_path / "v").mkdir()
     _write_marked(tmp_path / "v" / "phone.mp4", 3, rotation=-90)

@@ -17,11 +17,13 @@ from bad_videos import SHARED, make_bad_videos
 from click.testing import CliRunner
 from PIL import Image
 
-from flowprep import extract
+from flowprep import ownership
 from flowprep.atomic import lock_exclusive
 from flowprep.cli import EXIT_SOME_FAILED, main
-from flowprep.extract import ExtractSettings, claim_output, extract_video, run_batch
+from flowprep.extract import extract_video, run_batch
 from flowprep.manifest import VideoEntry, build_manifest, write_manifest
+from flowprep.ownership import claim_output
+from flowprep.settings import ExtractSettings
 from pipelines.synthetic import moving_shapes, write_video
 
 
@@ -384,7 +386,7 @@ def test_workers_of_a_replaced_run_write_nothing(tmp_path: Path) -> None:
 def test_second_live_run_on_the_same_output_is_refused(tmp_path: Path, monkeypatch) -> None:
     write_video(tmp_path / "v" / "a.avi", moving_shapes(3, 32, 32))
     (tmp_path / "o").mkdir()
-    monkeypatch.setattr(extract, "LOCK_WAIT_S", 0.1)
+    monkeypatch.setattr(ownership, "LOCK_WAIT_S", 0.1)
     fd = lock_exclusive(tmp_path / "o" / ".lock")  # as a live run holds it
     try:
         result = CliRunner().invoke(
@@ -449,20 +451,21 @@ def test_planted_report_temp_symlinks_do_not_truncate_their_targets(tmp_path: Pa
 _KILL_IN_SWAP = """
 import os, signal, sys
 from pathlib import Path
-from flowprep import extract
-from flowprep.extract import ExtractSettings, run_batch
+from flowprep import ownership
+from flowprep.extract import run_batch
+from flowprep.settings import ExtractSettings
 from flowprep.manifest import VideoEntry
 root, out, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 if mode == "exchange":
-    real_exchange = extract.exchange_paths
+    real_exchange = ownership.exchange_paths
     def exchange(a, b):
         assert real_exchange(a, b), "no renameat2 exchange here"
         die()
-    extract.exchange_paths = exchange
+    ownership.exchange_paths = exchange
 else:
-    extract.exchange_paths = lambda a, b: False
+    ownership.exchange_paths = lambda a, b: False
     real_rename = os.rename
     def rename(src, dst, *args, **kwargs):
         real_rename(src, dst, *args, **kwargs)
@@ -502,7 +505,7 @@ def test_error_between_the_renames_puts_the_old_video_back(tmp_path: Path, monke
     entry = VideoEntry("a", "a.avi")
     run_batch([entry], tmp_path / "v", tmp_path / "o", ExtractSettings())
     before = tree_bytes(tmp_path / "o" / "a")
-    monkeypatch.setattr(extract, "exchange_paths", lambda a, b: False)
+    monkeypatch.setattr(ownership, "exchange_paths", lambda a, b: False)
     real_rename, failed = os.rename, []
 
     def rename(src: Path, dst: Path) -> None:  # the new folder cannot be renamed in, once

@@ -12,9 +12,10 @@ from PIL import Image
 from test_flowprep_extract import tree_bytes
 
 from flowprep.cli import EXIT_SOME_FAILED, main
-from flowprep.extract import ExtractSettings, RuntimeOptions, joblib_mapper, run_batch
+from flowprep.extract import joblib_mapper, run_batch
 from flowprep.manifest import build_manifest
 from flowprep.quantize import dequantize_flow
+from flowprep.settings import ExtractSettings, RuntimeOptions
 from pipelines.synthetic import moving_shapes, write_video
 
 SMALL = ["--short-side", "0", "--device", "cpu", "-q"]

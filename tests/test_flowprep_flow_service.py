@@ -15,17 +15,12 @@ import flowprep.cli
 import flowprep.flow
 import flowprep.tvl1
 from flowprep.cli import main
-from flowprep.extract import (
-    ExtractSettings,
-    FlowWriter,
-    RuntimeOptions,
-    decoders_per_device,
-    joblib_mapper,
-    run_batch,
-)
+from flowprep.extract import decoders_per_device, joblib_mapper, run_batch
 from flowprep.flow import compute_flow, wants_compile
 from flowprep.flow_service import FlowService
 from flowprep.manifest import build_manifest
+from flowprep.settings import ExtractSettings, RuntimeOptions
+from flowprep.writing import FlowWriter
 from pipelines.synthetic import moving_shapes, write_video
 
 

@@ -20,9 +20,11 @@ import pytest
 from click.testing import CliRunner
 
 from flowprep.cli import EXIT_SOME_FAILED, main
-from flowprep.extract import CHECKSUMS, ExtractSettings, run_batch
+from flowprep.extract import run_batch
+from flowprep.layout import CHECKSUMS
 from flowprep.manifest import build_manifest
 from flowprep.reader import ReaderError, open_reader
+from flowprep.settings import ExtractSettings
 from flowprep.shards import ShardError, pack, read_index
 from flowprep.verify import verify
 from pipelines.synthetic import moving_shapes, write_video

@@ -65,6 +65,25 @@ def test_only_the_extractor_and_cli_import_extract():
     assert offenders == []
 
 
+@pytest.mark.parametrize("module", ["settings", "ownership", "resume", "writing"])
+def test_extraction_jobs_are_separate_modules(module):
+    """extract.py joins settings, OUT ownership, resume and frame writing, each its own module;
+    none of them imports the scheduler, and ownership/resume need no decoder."""
+    imports = imported_modules(REPO / "flowprep" / f"{module}.py")
+    assert "flowprep.extract" not in imports
+    if module in ("settings", "ownership", "resume"):
+        assert not {"flowprep.decode", "flowprep.writing", "av", "torch"} & imports
+
+
+def test_strnet_never_imports_the_extractor():
+    users = [
+        module_name(p)
+        for p in modules_of("strnet")
+        if {"flowprep.extract", "flowprep.extract_hdf5"} & imported_modules(p)
+    ]
+    assert users == []
+
+
 @pytest.mark.parametrize("module", ["reader", "shards", "verify", "viz", "layout"])
 def test_readers_and_packer_share_only_the_layout(module):
     """Of extract, shards, reader, verify and viz, none imports the extractor or the packer's

@@ -13,10 +13,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import flowprep.reader as reader_module
-from flowprep.extract import ExtractSettings, RuntimeOptions, run_batch
+from flowprep.extract import run_batch
 from flowprep.manifest import build_manifest
 from flowprep.quantize import quantize_flow
 from flowprep.reader import ReaderError, decode_jpeg, open_reader
+from flowprep.settings import ExtractSettings, RuntimeOptions
 from pipelines.synthetic import moving_shapes, write_video
 
 

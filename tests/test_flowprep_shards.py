@@ -18,10 +18,11 @@ from torch.utils.data import DataLoader, Dataset
 
 import flowprep.shards as shards
 from flowprep.cli import main
-from flowprep.extract import ExtractSettings, run_batch
+from flowprep.extract import run_batch
 from flowprep.extract_hdf5 import extract_to_shards
 from flowprep.manifest import build_manifest
 from flowprep.reader import ReaderError, ShardReader, open_reader
+from flowprep.settings import ExtractSettings
 from flowprep.shards import pack, parse_size
 from flowprep.verify import verify
 from pipelines.synthetic import moving_shapes, write_video
