@@ -15,16 +15,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import click
 import numpy as np
-from tqdm import tqdm
 
 from strnet.config import ConfigError
 from strnet.models import is_two_stream
 from strnet.resolve import class_names
 from strnet.runtime import (  # noqa: F401 - video_scores/views re-exported for callers
     PROTOCOLS,
-    DeviceName,
     list_line,
     list_path,
     load_trained,
@@ -46,7 +43,6 @@ from strnet.scores import (
     output_paths,
     save_scores,
 )
-from strnet.weights import WeightsError
 
 
 def confusion_matrix(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -245,132 +241,3 @@ def mean_over_splits(results: list[dict]) -> dict:
         "top1": float(np.mean([r["top1"] for r in results])),
         "top5": float(np.mean([r["top5"] for r in results])),
     }
-
-
-@click.command("eval")
-@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option(
-    "--split",
-    "splits",
-    type=int,
-    multiple=True,
-    required=True,
-    help="Split N of test_split<N>.txt; one per CHECKPOINT, repeatable.",
-)
-@click.option(
-    "--data",
-    "data_root",
-    default=None,
-    type=click.Path(exists=True),
-    help="Frame-folder root or shard directory (not needed to fuse saved .npz scores).",
-)
-@click.option(
-    "--protocol",
-    type=click.Choice(PROTOCOLS),
-    default="paper",
-    show_default=True,
-    help="paper: 25 chunks + flips on whole frames; center: one centre crop. 3D ResNets: "
-    "paper = every non-overlapping 16-frame window, centre crop, probabilities averaged; "
-    "center = the middle window.",
-)
-@click.option(
-    "--test-chunks",
-    type=int,
-    default=25,
-    show_default=True,
-    help="Chunks sampled evenly per video.",
-)
-@click.option("--test-list", default="", help="List file instead of DATA/test_split<N>.txt.")
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Folder for NAME_split<N>.json, NAME_split<N>_confusion.png and NAME_split<N>_scores.npz.",
-)
-@click.option(
-    "--name",
-    default=None,
-    help="Output name (letters, digits, ._+-); default: the run folder's name, for --fuse "
-    "the names joined by +.",
-)
-@click.option(
-    "--device",
-    type=DeviceName(),
-    default="auto",
-    show_default=True,
-    help="Where to run the model.",
-)
-@click.option(
-    "-j", "--jobs", type=int, default=0, show_default=True, help="DataLoader worker processes."
-)
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@click.option(
-    "--fuse",
-    is_flag=True,
-    help="Fuse all CHECKPOINTS (e.g. appearance + motion phases, or their saved _scores.npz) "
-    "on one --split by averaging their scores before softmax.",
-)
-def eval_command(
-    checkpoints, splits, data_root, protocol, test_chunks, test_list, out, name, device, jobs,
-    quiet, fuse,
-):  # fmt: skip
-    """Evaluate CHECKPOINT(s) video by video; with three splits also print the mean.
-
-    A CHECKPOINT may also be the _scores.npz of an earlier eval: saved scores are fused without
-    data or model (e.g. `strnet eval a_split1_scores.npz b_split1_scores.npz --fuse --split 1`).
-    """
-    runs = check_eval_args(checkpoints, splits, data_root, out, name, fuse)
-    results = []
-    bar = tqdm(unit="video", disable=True if quiet else None, dynamic_ncols=True)  # a terminal's
-    try:
-        for ckpt, split in runs:
-            r = evaluate(
-                ckpt, data_root, split, protocol=protocol, test_chunks=test_chunks, out=out,
-                device=device, test_list=test_list, num_workers=jobs, name=name,
-                on_start=lambda n: bar.reset(total=n), on_video=bar.update,
-            )  # fmt: skip
-            bar.clear()
-            results.append(r)
-            click.echo(
-                f"split {split}: top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  "
-                f"mean class {r['mean_class_accuracy']:.4f}  ({r['num_videos']} videos)"
-            )
-    except (ConfigError, WeightsError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    except KeyError as exc:
-        raise click.ClickException(str(exc.args[0]) if exc.args else "missing key") from None
-    finally:
-        bar.close()
-    if len(results) > 1:
-        m = mean_over_splits(results)
-        click.echo(f"mean over splits {m['splits']}: top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}")
-
-
-def check_eval_args(checkpoints, splits, data_root, out, name, fuse) -> list[tuple]:
-    """The (inputs, split) evaluations of `strnet eval`; usage errors before any work starts.
-
-    Two evaluations writing the same `<name>_split<N>` files into `--out` are refused.
-    """
-    if fuse and len(splits) != 1:
-        raise click.UsageError("--fuse evaluates all CHECKPOINTS together: give one --split")
-    if not fuse and len(checkpoints) != len(splits):
-        raise click.UsageError("give one --split per CHECKPOINT")
-    if data_root is None and not all(str(c).endswith(".npz") for c in checkpoints):
-        raise click.UsageError("--data is needed to evaluate checkpoints (only .npz scores fuse)")
-    try:
-        if name is not None:
-            check_name(name)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    runs = [(list(checkpoints), splits[0])] if fuse else list(zip(checkpoints, splits, strict=True))
-    if out is not None and not fuse:
-        seen: dict[str, object] = {}
-        for inputs, split in runs:
-            stem = f"{name or default_name(inputs)}_split{split}"
-            if stem in seen:
-                raise click.UsageError(
-                    f"{seen[stem]} and {inputs} would both write {stem}.json: evaluate them "
-                    "separately with --name"
-                )
-            seen[stem] = inputs
-    return runs

@@ -22,21 +22,19 @@ be read fails alone with a one-line reason.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
 import cv2
 import numpy as np
 import torch
 
 from flowprep.decode import VideoError, iter_frames
 from flowprep.flow_service import DEVICE_BATCH
-from flowprep.manifest import ManifestError, find_videos
+from flowprep.manifest import find_videos
 from flowprep.reader import decode_jpeg
 from flowprep.settings import ExtractSettings
 from flowprep.writing import encode_jpeg
@@ -44,7 +42,6 @@ from strnet.config import ConfigError
 from strnet.models import is_two_stream
 from strnet.runtime import (
     PROTOCOLS,
-    DeviceName,
     Trained,
     load_trained,
     score_videos,
@@ -52,7 +49,7 @@ from strnet.runtime import (
     test_loader,
 )
 from strnet.scores import VideoScores, combine, default_name
-from strnet.weights import WeightsError, load_file
+from strnet.weights import load_file
 
 EXTRACT_KEY = "extract_settings"  # a checkpoint's `ExtractSettings.to_dict()` of its training data
 SETTING_KEYS = ("short_side", "jpeg_quality", "flow_backend", "flow_bound")
@@ -421,114 +418,3 @@ def predict(
         if sink is not None:
             sink.close()
     return results
-
-
-@click.command("predict")
-@click.argument("videos", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--checkpoint",
-    "checkpoints",
-    multiple=True,
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="A strnet training checkpoint; give two stream checkpoints (appearance, motion) to "
-    "fuse them as `strnet eval --fuse` does.",
-)
-@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Classes printed per video.")  # fmt: skip
-@click.option(
-    "--protocol",
-    type=click.Choice(PROTOCOLS),
-    default="paper",
-    show_default=True,
-    help="paper: 25 chunks + flips on whole frames; center: one centre crop per chunk.",
-)
-@click.option("--test-chunks", type=click.IntRange(min=1), default=25, show_default=True,
-              help="Chunks sampled evenly per video.")  # fmt: skip
-@click.option(
-    "--device",
-    type=DeviceName(),
-    default="auto",
-    show_default=True,
-    help="Where flow and the model run; auto picks CUDA when present.",
-)
-@click.option(
-    "--json",
-    "json_out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Also write one JSON line per video: top-k, fused and per-stream scores before "
-    "softmax, seconds per stage (or the error).",
-)
-@click.option(
-    "--short-side",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Resize as `flowprep extract --short-side` [default: the checkpoint's extract "
-    "settings, else 256].",
-)
-@click.option(
-    "--quality",
-    "jpeg_quality",
-    type=click.IntRange(1, 100),
-    default=None,
-    help="JPEG quality extract stored frames and flow with [default: the checkpoint's, else 95].",
-)
-@click.option(
-    "--flow-bound",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Flow clip bound in pixels before quantizing [default: the checkpoint's, else 20].",
-)
-@click.option(
-    "--flow-backend",
-    type=click.Choice(["torch", "opencv"]),
-    default=None,
-    help="TV-L1 implementation [default: the checkpoint's, else torch].",
-)
-@click.option(
-    "--flow-compile",
-    type=click.Choice(["auto", "on", "off"]),
-    default="auto",
-    show_default=True,
-    help="torch.compile TV-L1 as `flowprep extract --flow-compile` (auto: 160x120 and up).",
-)
-def predict_command(
-    videos, checkpoints, top, protocol, test_chunks, device, json_out, short_side, jpeg_quality,
-    flow_bound, flow_backend, flow_compile,
-):  # fmt: skip
-    """Print the top classes of each VIDEO (or every video in a folder) with probabilities.
-
-    Each video is decoded, resized, its TV-L1 flow computed and quantized in memory exactly as
-    `flowprep extract` stores it, and scored with the test protocol of `strnet eval`; two
-    checkpoints are fused by averaging their scores before softmax. Class names come from the
-    checkpoint. A video that cannot be read is reported in one line and the rest go on.
-
-    Exit status: 0 when every video was predicted, 3 when some failed, 1 for an unusable
-    checkpoint or folder, 2 for bad options.
-    """
-    flags = {"short_side": short_side, "jpeg_quality": jpeg_quality, "flow_bound": flow_bound,
-             "flow_backend": flow_backend}  # fmt: skip
-    compile_ = {"on": True, "off": False}.get(flow_compile, "auto")
-    counts = {"done": 0, "failed": 0}
-    try:
-        predictor = Predictor(list(checkpoints), protocol=protocol, test_chunks=test_chunks,
-                              device=device, flags=flags, flow_compile=compile_)  # fmt: skip
-        for note in predictor.notes:
-            click.echo(note, err=True)
-
-        def report(result: Prediction) -> None:
-            counts[result.status] += 1
-            if result.status == "done":
-                click.echo(summary_line(result, predictor.classes, top))
-            else:
-                click.echo(f"failed: {result.video}: {result.reason}", err=True)
-
-        predict(predictor, list(videos), top=top, json_out=json_out, on_result=report)
-    except (ConfigError, WeightsError, ManifestError) as exc:
-        raise click.ClickException(str(exc)) from None
-    except OSError as exc:  # the --json file
-        raise click.ClickException(f"{exc.filename or json_out}: {exc.strerror or exc}") from None
-    click.echo(f"{counts['done']} predicted, {counts['failed']} failed", err=True)
-    if counts["failed"]:
-        sys.exit(EXIT_SOME_FAILED)

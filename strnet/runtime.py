@@ -13,7 +13,6 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import click
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -47,28 +46,11 @@ class Context:
         return self.rank == 0
 
 
-class DeviceError(click.ClickException):
-    """The device asked for is not there (`cuda` without a GPU): a usage error, exit status 2.
+class DeviceError(RuntimeError):
+    """The device asked for is not there (`cuda` without a GPU, `cuda:3` on a 2-GPU machine).
 
-    A click exception rather than a ConfigError, so `strnet train`, `eval` and `predict` all end
-    with the one line `Error: ...` and status 2 without a traceback.
+    The CLI reports it as a usage error: one line `Error: ...`, exit status 2.
     """
-
-    exit_code = 2
-
-
-class DeviceName(click.ParamType):
-    """The `--device` option type of strnet's commands: auto, cpu, cuda or cuda:N."""
-
-    name = "auto|cpu|cuda[:N]"
-
-    def get_metavar(self, param, ctx=None) -> str:  # as written, not upper-cased
-        return self.name
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, str) and DEVICE_NAME.fullmatch(value):
-            return value
-        self.fail(f"{value!r} is not one of {DEVICES}", param, ctx)
 
 
 def setup_device(preference: str = "auto") -> Context:

@@ -9,13 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import click
 import torch
 from torch import nn
 
-from strnet.config import tomllib
 from strnet.layers import TemporalConv
-from strnet.models import MODEL_NAMES, create_model, is_3d, is_two_stream, model_arguments
+from strnet.models import create_model, is_3d, is_two_stream, model_arguments
 from strnet.resnet import ResNet
 
 
@@ -235,83 +233,3 @@ def summarize_3d(
         "name": name, "parameters": n, "stream_parameters": {"clip": n}, "macs": macs,
         "input": f"1 clip of {frames} frames of {height} x {width}", "rows": rows,
     }  # fmt: skip
-
-
-def defaults_3d(values: dict) -> dict:
-    """The summary options of a 3D ResNet: sizes left at their 2D defaults become Sec. 3.1's
-    (16 frames of 112 x 112, 400 classes)."""
-    ctx = click.get_current_context()
-    for key, value in SIZES_3D.items():
-        if ctx.get_parameter_source(key) == click.core.ParameterSource.DEFAULT:
-            values[key] = value
-    return values
-
-
-# --- end of the 3D ResNet summary ---
-
-
-def model_arguments_of(items: tuple[str, ...]) -> dict:
-    """`--set key=value` items as create_model keyword arguments (values read as TOML, else
-    strings: `truncate=true`, `fuse_at=relu5`)."""
-    out = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise click.UsageError(f"--set {item!r} is not key=value")
-        try:
-            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key.strip()] = raw
-    return out
-
-
-@click.command("summary")
-@click.argument("model", type=click.Choice(MODEL_NAMES))
-@click.option("--chunks", type=int, default=11, show_default=True,
-              help="T temporal chunks (3D ResNets: frames of the clip, default 16 x 112 x 112, "
-              "400 classes).")  # fmt: skip
-@click.option("--height", type=int, default=224, show_default=True, help="Input height.")
-@click.option("--width", "frame_width", type=int, default=224, show_default=True,
-              help="Input width.")  # fmt: skip
-@click.option("--num-classes", type=int, default=101, show_default=True, help="K classes.")
-@click.option("--base-width", type=int, default=64, show_default=True,
-              help="Channels of conv1 (64 in the paper).")  # fmt: skip
-@click.option("--flow-stack", type=int, default=10, show_default=True,
-              help="L flows per motion input (2L channels).")  # fmt: skip
-@click.option("--in-channels", type=int, default=3, show_default=True,
-              help="Input channels of a single-stream model.")  # fmt: skip
-@click.option(
-    "--stride-in-1x1",
-    is_flag=True,
-    help="Stride on the first 1x1 conv (ResNet v1, Table 1) instead of the 3x3 (v1.5).",
-)
-@click.option("--set", "model_sets", multiple=True, metavar="KEY=VALUE",
-              help="Another create_model argument, e.g. --set fusion=conv --set fuse_at=relu5 "
-              "--set truncate=true (fusion_* models); repeatable.")  # fmt: skip
-def summary_command(model, chunks, height, frame_width, num_classes, base_width, flow_stack,
-                    in_channels, stride_in_1x1, model_sets):  # fmt: skip
-    """Print MODEL's parameters, multiply-adds and stage output sizes (W x H x T, C)."""
-    if is_3d(model):  # a 3D ResNet: --chunks is its clip's frames (default 16 x 112 x 112)
-        sizes = defaults_3d(dict(chunks=chunks, height=height, frame_width=frame_width,
-                                 num_classes=num_classes))  # fmt: skip
-        chunks, height, frame_width, num_classes = sizes.values()
-    if min(chunks, height, frame_width, num_classes, base_width, flow_stack, in_channels) < 1:
-        raise click.UsageError("sizes and counts must be positive")
-    try:
-        s = summarize(
-            model, chunks=chunks, height=height, width=frame_width, num_classes=num_classes,
-            base_width=base_width, flow_stack=flow_stack, in_channels=in_channels,
-            stride_in_1x1=stride_in_1x1, model_kw=model_arguments_of(model_sets),
-        )  # fmt: skip
-    except (ValueError, RuntimeError) as exc:
-        raise click.ClickException(str(exc).splitlines()[0]) from None
-    click.echo(f"{s['name']}: {s['input']}")
-    per_stream = s["stream_parameters"]
-    split = ""
-    if len(per_stream) > 1:
-        split = " (" + ", ".join(f"{k} {v:,}" for k, v in per_stream.items()) + ")"
-    click.echo(f"parameters: {s['parameters']:,}{split}")
-    click.echo(f"multiply-adds per clip: {s['macs'] / 1e9:.2f} G")
-    click.echo(f"{'stream':<11} {'stage':<8} output (W x H x T, C)")
-    for r in s["rows"]:
-        click.echo(f"{r.stream:<11} {r.stage:<8} {r.size()}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -20,7 +19,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -35,13 +33,12 @@ from strnet.checkpoint import (
     set_rng_state,
     write_atomic,
 )
-from strnet.config import ConfigError, TrainConfig, load_config, to_dict
+from strnet.config import ConfigError, TrainConfig, to_dict
 from strnet.data import ClipDataset, ClippedStrideWarning, clipped_stride_message
 from strnet.models import is_two_stream
 from strnet.resolve import data_extract_settings, resolve_run
 from strnet.runtime import (  # noqa: F401 - build_model, Context, ... kept importable from here
     Context,
-    DeviceName,
     autocast_for,
     build_model,
     forward_scores,
@@ -56,7 +53,7 @@ from strnet.runtime import (  # noqa: F401 - build_model, Context, ... kept impo
     train_dataset,
 )
 from strnet.scores import fuse_arrays
-from strnet.weights import WeightsError, load_pretrained, strip_prefixes
+from strnet.weights import load_pretrained, strip_prefixes
 
 # What a run writes into its folder (and `--force` deletes); the checkpoint first, so a kill while
 # deleting leaves nothing that `--resume` would continue with half of its metrics.
@@ -731,79 +728,3 @@ def train(
             run.writer.close()
     summary = {"step": run.step, "out": str(run.out), "weights_digest": weights_digest(run.model)}
     return {**summary, "classes": run.classes, "best": run.best, **last}
-
-
-# --------------------------------------------------------------------------- CLI
-@click.command("train")
-@click.argument("config")
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a config value, e.g. --set optim.lrs=[0.01,0.001]; repeatable.",
-)
-@click.option(
-    "--resume",
-    is_flag=True,
-    help="Continue exactly from OUT/checkpoint.pt; refuses a changed batch, learning-rate "
-    "schedule or architecture.",
-)
-@click.option(
-    "--force",
-    "--overwrite",
-    "force",
-    is_flag=True,
-    help="Replace the run in OUT (its checkpoints, metrics, curves and config are deleted once "
-    "the new run has started). --overwrite is the older name.",
-)
-@click.option(
-    "--out",
-    "out",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Run folder (overrides run.out).",
-)
-@click.option(
-    "--device",
-    type=DeviceName(),
-    default=None,
-    help="Where to train (overrides run.device); cuda without a GPU is a usage error (exit 2).",
-)
-@click.option(
-    "-q", "--quiet", is_flag=True, help="No progress bar: one plain line per run.log_every steps."
-)
-def train_command(
-    config: str, overrides: tuple, resume: bool, force: bool, out: str | None,
-    device: str | None, quiet: bool,
-):  # fmt: skip
-    """Train one phase: CONFIG is a TOML file or a shipped phase (motion, appearance,
-    st-resnet, st-resnet-star, fusion, fusion-3d, resnet3d18-kinetics, resnet3d34-kinetics).
-    Under torchrun every rank runs this command.
-
-    Exit status: 0 done; 1 a bad config, list, data or checkpoint, a run folder that needs
-    --resume or --force, or a --resume that changes the run's settings (one line each); 2 a usage
-    error (bad or conflicting options, --device cuda without a GPU).
-    """
-    if resume and force:
-        raise click.UsageError("--resume continues a run and --force replaces it: choose one")
-    extra = list(overrides) + ([f"run.out={json.dumps(out)}"] if out else [])
-    extra += [f"run.device={json.dumps(device)}"] if device else []
-    extra += ["run.progress=false"] if quiet else []
-    try:
-        cfg = load_config(config, extra)
-        with warnings.catch_warnings():
-            warnings.showwarning = show_warning_line
-            summary = train(cfg, resume=resume, force=force)
-    except (ConfigError, CheckpointError, WeightsError, TrainingError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    except KeyError as exc:
-        raise click.ClickException(str(exc.args[0]) if exc.args else "missing key") from None
-    except OSError as exc:  # a read-only or full run folder, an unreadable list
-        where = f"{exc.filename}: " if exc.filename else ""
-        raise click.ClickException(f"{where}{exc.strerror or exc}") from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0:
-        click.echo(json.dumps(summary))

@@ -103,6 +103,14 @@ def test_flowprep_library_modules_are_click_free():
     assert users == ["flowprep.cli"]
 
 
+def test_strnet_library_modules_are_click_free():
+    """strnet's commands live in strnet.cli (its --device type is flowprep.cli's, written once);
+    train, evaluate, predict and summary take plain arguments and raise plain exceptions."""
+    users = [module_name(p) for p in modules_of("strnet") if "click" in imported_modules(p)]
+    assert users == ["strnet.cli"]
+    assert "flowprep.cli" in imported_modules(REPO / "strnet" / "cli.py")
+
+
 def test_strnet_data_takes_the_list_format_from_layout():
     imports = imported_modules(REPO / "strnet" / "data.py")
     assert "flowprep.layout" in imports

@@ -13,10 +13,10 @@ import torch
 from click.testing import CliRunner
 from test_strnet_train import tiny, write_clip_folder
 
+from strnet.cli import eval_command
 from strnet.config import ConfigError
 from strnet.data import hflip_normalized_flow
 from strnet.evaluate import (
-    eval_command,
     evaluate,
     mean_over_splits,
     summarize,

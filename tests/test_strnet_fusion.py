@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 from test_strnet_train import tiny, write_clip_folder
 
+from strnet.cli import eval_command, summary_command
 from strnet.config import ConfigError, load_config
-from strnet.evaluate import eval_command
 from strnet.fusion import (
     BilinearFusion,
     Conv3dFusion,
@@ -25,7 +25,6 @@ from strnet.fusion import (
 )
 from strnet.models import create_model
 from strnet.runtime import build_model
-from strnet.summary import summary_command
 from strnet.train import train
 from strnet.weights import load_pretrained
 

@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+from strnet.cli import summary_command
 from strnet.layers import MotionResidual, SubBatchNorm2d
 from strnet.models import MODEL_NAMES, create_model, is_3d, is_two_stream
 from strnet.resnet import resnet
 from strnet.st_resnet import fuse
-from strnet.summary import stage_shapes, summary_command
+from strnet.summary import stage_shapes
 from strnet.weights import WeightsError, adapt_input_conv, load_pretrained
 
 

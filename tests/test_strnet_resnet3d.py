@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from flowprep.reader import open_reader
 from flowprep.shards import pack
+from strnet.cli import eval_command, summary_command
 from strnet.clips3d import (
     KINETICS_MEAN,
     MULTISCALE_SCALES,
@@ -24,10 +25,9 @@ from strnet.clips3d import (
     window_log_probs,
 )
 from strnet.config import ConfigError, load_config
-from strnet.evaluate import eval_command, evaluate
+from strnet.evaluate import evaluate
 from strnet.models import create_model, is_3d
 from strnet.resnet3d import ShortcutA, loop_frames
-from strnet.summary import summary_command
 from strnet.train import train
 from strnet.weights import load_pretrained
 

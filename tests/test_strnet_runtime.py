@@ -6,11 +6,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from strnet.cli import eval_command, predict_command, train_command
 from strnet.config import ConfigError
-from strnet.evaluate import eval_command
-from strnet.predict import predict_command
 from strnet.runtime import DeviceError, setup_device
-from strnet.train import train_command
 
 
 def test_cpu_and_auto_without_a_gpu(monkeypatch):

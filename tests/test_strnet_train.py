@@ -20,8 +20,8 @@ from click.testing import CliRunner
 import strnet.train
 from flowprep.shards import pack, read_index
 from strnet.checkpoint import load_checkpoint
+from strnet.cli import eval_command, train_command
 from strnet.config import ConfigError, load_config, to_dict
-from strnet.evaluate import eval_command
 from strnet.resolve import resolve_run
 from strnet.runtime import open_data
 from strnet.train import (
@@ -29,7 +29,6 @@ from strnet.train import (
     initialise,
     lr_at,
     train,
-    train_command,
     truncate_metrics,
 )
 
