@@ -178,3 +178,13 @@ def test_list_names_and_lines(tmp_path):
     (tmp_path / "bad.txt").write_text("c/a 5 0\n\nc/b 3\n")
     with pytest.raises(ValueError, match=r"bad\.txt:3: expected '<video_id> <num_frames> <label>'"):
         read_list(tmp_path / "bad.txt")
+
+
+def test_code_map_names_every_module():
+    """docs/internals.md's code map lists each module of the three packages under its package."""
+    text = (REPO / "docs" / "internals.md").read_text().split("## Code map", 1)[1]
+    for package in ("flowprep", "strnet", "pipelines"):
+        section = text.split(f"**{package}**", 1)[1].split("**", 1)[0]
+        for path in modules_of(package):
+            if not path.stem.startswith("__"):
+                assert f"- `{path.stem}`: " in section, f"{package}.{path.stem}"
