@@ -7,7 +7,9 @@ followed by 3D pooling). The fused map goes on through the rest of the appearanc
 authors fuse the temporal net *into* the spatial one, `cnn_ucf101_fusion.m`); the motion tower is
 truncated after the fusion point (Fig. 2 left, Table 1) or kept with its own classifier and loss
 (Fig. 2 right, Sec. 3.4). `fuse_at="softmax"` is late fusion: both towers whole, their scores
-averaged (the two-stream baseline of Table 1's first rows).
+averaged (the two-stream baseline of Table 1's first rows). Several points joined by "+" fuse at
+each (Table 2, Fig. 2 right): `relu5+fc8` fuses the motion map into the appearance tower at
+relu5, keeps the motion tower whole and averages the two towers' fc8 scores into one output.
 
 `FusionNet.forward(rgb, flow)` takes (B, T, 3, H, W) and (B, T, 2L, H, W) and returns scores
 before softmax, (B, T', K) per output: {"fusion"} (truncated), {"fusion", "motion"} (both towers
@@ -32,6 +34,8 @@ POOL3D = (5, 2)  # 3D pooling over chunks: window T = 5, stride 2 (cnn_ucf101_fu
 CONV3D_INIT = (0.25, 0.75)  # appearance / motion identity weights: motion x3 (Sec. 3.5)
 GAUSSIAN_SIGMA = 1.0  # sigma of the 3x3x3 Gaussian over the conv3d support (Sec. 3.5)
 RESNET_POINTS = ("pool1", "layer1", "layer2", "layer3", "layer4")
+SCORES = "fc8"  # the last point of a "+" list that fuses the towers' class scores (Table 2)
+MULTI_FUSIONS = ("sum", "max", "conv")  # fusions that keep the map's shape at every point
 RESNET_ALIASES = {"relu5": "layer4", "conv2_x": "layer1", "conv3_x": "layer2",
                   "conv4_x": "layer3", "conv5_x": "layer4"}  # fmt: skip
 
@@ -245,6 +249,11 @@ def run(tower: nn.Module, x: torch.Tensor, start: str | None, stop: str | None) 
     return tower.head(x) if stop is None else x
 
 
+def position(tower: nn.Module, name: str) -> int:
+    """Where fusion point `name` (the tower's own name) lies in the tower."""
+    return tower.layer_index(name) if isinstance(tower, VGG) else RESNET_POINTS.index(name)
+
+
 def channels_at(tower: nn.Module, name: str) -> int:
     if isinstance(tower, VGG):
         return tower.channels_at(name)
@@ -272,9 +281,12 @@ def widen_after(tower: nn.Module, name: str, channels: int) -> None:
         return
     if name == RESNET_POINTS[-1]:
         tower.fc = nn.Linear(channels, tower.fc.out_features)
+        tower.widened = ["fc."]
         return
-    unit = getattr(tower, RESNET_POINTS[RESNET_POINTS.index(name) + 1])[0]
+    stage = RESNET_POINTS[RESNET_POINTS.index(name) + 1]
+    unit = getattr(tower, stage)[0]
     convs = [("conv1", unit)] + ([("0", unit.downsample)] if unit.downsample is not None else [])
+    tower.widened = [f"{stage}.0.conv1."] + ([f"{stage}.0.downsample.0."] if len(convs) > 1 else [])
     for attr, owner in convs:
         old = getattr(owner, attr)
         new = type(old)(channels, old.out_channels, old.kernel_size, stride=old.stride,
@@ -309,6 +321,11 @@ class FusionNet(nn.Module):
     (`requires_grad=False`): "We only propagate back to the injected fusion layer" (Sec. 3.5;
     `backpropDepth` in cnn_ucf101_fusion.m); a ResNet's BN statistics there still move.
 
+    `fuse_at` may list several points joined by "+" (`relu3+relu5`, `relu5+fc8`; Table 2):
+    each gets its own fusion layer of the same kind, the motion tower runs on unfused and feeds
+    every point, and a last point `fc8` averages the two towers' class scores into one output
+    (sum fusion at the prediction layer, no parameters).
+
     Conv and conv3d fusion are followed by a ReLU (`insert_conv_layers.m`, `relu3D5`); bilinear
     fusion replaces the rest of the appearance tower by a linear classifier on the D^2 features
     (the paper trains an SVM on them). Concatenation widens the layer after the fusion point.
@@ -339,14 +356,19 @@ class FusionNet(nn.Module):
         self.kind, self.fuse_at, self.truncate = fusion, fuse_at, truncate
         self.pool3d = fusion == "conv3d" if pool3d is None else pool3d
         self.fusion: Fusion | None = None
+        self.more_fusions = nn.ModuleList()  # fusion layers of the 2nd, 3rd, ... point of a list
         self.classifier: nn.Linear | None = None
-        self.cut: tuple[str, str] | None = None
+        self.cut: tuple[str, str] | None = None  # the first fusion point, in each tower
+        self.cuts: list[tuple[str, str]] = []  # every map fusion point, in order
+        self.fuse_scores = False  # a "+" list ending in fc8: the towers' scores are averaged
         if fuse_at == "softmax":
             if fusion != "sum" or truncate:
                 raise ValueError(
                     "fusion at the softmax layer averages both whole towers' scores: use "
                     f"fusion='sum' and truncate=False (got fusion={fusion!r}, truncate={truncate})"
                 )
+        elif "+" in fuse_at:
+            self._inject_several(fuse_at.split("+"), num_classes)
         else:
             self._inject(num_classes)
         if self.pool3d:
@@ -357,7 +379,7 @@ class FusionNet(nn.Module):
         if freeze_towers:
             if self.cut is None:
                 raise ValueError("freeze_towers needs a fusion layer: fuse_at is 'softmax'")
-            for tower, cut in zip((appearance, motion), self.cut, strict=True):
+            for tower, cut in zip((appearance, motion), self.cuts[-1], strict=True):
                 for p in below(tower, cut).parameters():
                     p.requires_grad_(False)
 
@@ -369,7 +391,7 @@ class FusionNet(nn.Module):
         """
         super().train(mode)
         if getattr(self, "freeze_towers", False) and self.cut is not None:
-            for tower, cut in zip((self.appearance, self.motion), self.cut, strict=True):
+            for tower, cut in zip((self.appearance, self.motion), self.cuts[-1], strict=True):
                 for m in below(tower, cut).modules():
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         m.eval()
@@ -378,6 +400,7 @@ class FusionNet(nn.Module):
     def _inject(self, num_classes: int) -> None:
         cut_a, cut_m = point(self.appearance, self.fuse_at), point(self.motion, self.fuse_at)
         self.cut = (cut_a, cut_m)
+        self.cuts = [self.cut]
         da, dm = channels_at(self.appearance, cut_a), channels_at(self.motion, cut_m)
         self.fusion = make_fusion(self.kind, da, dm)
         if self.kind == "bilinear":  # no spatial map is left for the tower's later layers
@@ -388,13 +411,51 @@ class FusionNet(nn.Module):
         if self.truncate:
             truncate_after(self.motion, cut_m)
 
+    def _inject_several(self, names: list[str], num_classes: int) -> None:
+        """Fusion layers at each of `names` (tower order); a last `fc8` fuses the scores."""
+        if self.kind not in MULTI_FUSIONS:
+            raise ValueError(
+                f"fusion at several layers ({self.fuse_at!r}) keeps each map's shape: use "
+                f"fusion {', '.join(MULTI_FUSIONS)}, not {self.kind!r}"
+            )
+        if "" in names or len(set(names)) != len(names):
+            raise ValueError(f"fuse_at {self.fuse_at!r}: name each layer once, joined by '+'")
+        if names[-1] == SCORES:
+            self.fuse_scores, names = True, names[:-1]
+        if SCORES in names or "softmax" in names:
+            raise ValueError(f"fuse_at {self.fuse_at!r}: fc8 (the scores) can only come last")
+        self.cuts = [(point(self.appearance, n), point(self.motion, n)) for n in names]
+        for side, tower in enumerate((self.appearance, self.motion)):
+            order = [position(tower, cuts[side]) for cuts in self.cuts]
+            if order != sorted(order):
+                raise ValueError(f"fuse_at {self.fuse_at!r}: list the layers in network order")
+        if self.fuse_scores and self.truncate:
+            raise ValueError(
+                f"fuse_at {self.fuse_at!r} averages both towers' scores, so the motion tower is "
+                "kept whole: set truncate=false"
+            )
+        self.cut = self.cuts[0]
+        for i, (cut_a, cut_m) in enumerate(self.cuts):
+            layer = make_fusion(
+                self.kind, channels_at(self.appearance, cut_a), channels_at(self.motion, cut_m)
+            )
+            if i == 0:
+                self.fusion = layer
+            else:
+                self.more_fusions.append(layer)
+        if self.truncate:
+            truncate_after(self.motion, self.cuts[-1][1])
+
     def fresh_keys(self) -> list[str]:
-        """Keys no single-stream checkpoint holds: the fusion layer and a bilinear classifier."""
-        return [k for k in self.state_dict() if k.startswith(("fusion.", "classifier."))]
+        """Keys no single-stream checkpoint holds: the fusion layers and a bilinear classifier."""
+        new = ("fusion.", "more_fusions.", "classifier.")
+        return [k for k in self.state_dict() if k.startswith(new)]
 
     def summary_modules(self) -> dict[str, nn.Module]:
         """Rows of `strnet summary` beside the towers' own: the fusion layer's output."""
         rows: dict[str, nn.Module] = {} if self.fusion is None else {self.kind: self.fusion}
+        for i, layer in enumerate(self.more_fusions, 2):
+            rows[f"{self.kind}{i}"] = layer
         if self.classifier is not None:
             rows["fc"] = self.classifier
         return rows
@@ -405,16 +466,20 @@ class FusionNet(nn.Module):
         if self.cut is None:  # late fusion: the trainer and evaluation average the two
             return {"appearance": run(self.appearance, rgb, None, None),
                     "motion": run(self.motion, flow, None, None)}  # fmt: skip
-        cut_a, cut_m = self.cut
-        xa, xm = run(self.appearance, rgb, None, cut_a), run(self.motion, flow, None, cut_m)
-        y = self.fusion(xa, xm)
+        y, xm, after_a, after_m = rgb, flow, None, None
+        for layer, (cut_a, cut_m) in zip([self.fusion, *self.more_fusions], self.cuts, strict=True):
+            xa, xm = run(self.appearance, y, after_a, cut_a), run(self.motion, xm, after_m, cut_m)
+            y, after_a, after_m = layer(xa, xm), cut_a, cut_m
+            if self.classifier is None and self.kind in ("conv", "conv3d"):
+                y = F.relu(y)
         if self.classifier is not None:
             out = {"fusion": self.classifier(y)}
         else:
-            y = F.relu(y) if self.kind in ("conv", "conv3d") else y
-            out = {"fusion": run(self.appearance, y, cut_a, None)}
+            out = {"fusion": run(self.appearance, y, after_a, None)}
+        if self.fuse_scores:  # Table 2's "+ FC8": one output, the towers' scores averaged
+            return {"fusion": (out["fusion"] + run(self.motion, xm, after_m, None)) / 2}
         if not self.truncate:
-            out["motion"] = run(self.motion, xm, cut_m, None)
+            out["motion"] = run(self.motion, xm, after_m, None)
         return out
 
     def extra_repr(self) -> str:

@@ -305,9 +305,13 @@ class ResNet(nn.Module):
                     m.weight.copy_(inflate_temporal(flat, m.kernel))
 
     def fresh_keys(self) -> list[str]:
-        """State-dict keys no 2D ResNet checkpoint holds (STM's inserted temporal convs): they keep
-        their identity initialisation when a torchvision or single-stream file is loaded."""
-        return [k for k in self.state_dict() if ".temporal." in k]
+        """State-dict keys no 2D ResNet checkpoint holds: STM's inserted temporal convs (they keep
+        their identity initialisation) and the convs concatenation fusion widened (`widened`,
+        set by `strnet.fusion.widen_after`; Kaiming-initialised, as the paper's fresh layer)."""
+        widened = tuple(getattr(self, "widened", ()))
+        return [
+            k for k in self.state_dict() if ".temporal." in k or (widened and k.startswith(widened))
+        ]
 
     @property
     def stages(self) -> list[Stage]:

@@ -51,8 +51,12 @@ TABLE1 = {  # row: (create_model arguments, our count from the table above, pape
     "sum@relu5": ({"fusion": "sum"}, sum(RGB) + FLOW[0], 97.31e6),
     "conv@relu5": ({"fusion": "conv"}, sum(RGB) + FLOW[0] + CONV, 97.58e6),
     "concat@relu5": ({"fusion": "concat"}, sum(RGB) + FLOW[0] + 4096 * 6 * 6 * D, 172.81e6),
-    # Table 2, ReLU5 + FC8 (Fig. 2 right): both towers kept, their scores averaged at test
-    "conv@relu5+fc8": ({"fusion": "conv", "truncate": False}, sum(RGB + FLOW) + CONV, 181.68e6),
+    # Table 2, ReLU5 + FC8 (Fig. 2 right): both towers kept, their scores averaged (no parameters)
+    "conv@relu5+fc8": (
+        {"fusion": "conv", "fuse_at": "relu5+fc8", "truncate": False},
+        sum(RGB + FLOW) + CONV,
+        181.68e6,
+    ),
 }
 # What is left between the paper's Table 1 and an exact count (docs/strnet.md, "Two-Stream Fusion"):
 # - every row is ~80 K above ours: the paper's numbers are those of two towers whose conv1 both
@@ -84,6 +88,47 @@ def test_table1_parameter_counts(row):
     as_paper = ours + CONV1_AS_FLOW  # conv1 of the appearance tower counted with 20 channels
     printed = {f"{as_paper / 1e6:.2f}", f"{int(as_paper / 1e4) / 100:.2f}"}  # rounded or cut
     assert f"{paper / 1e6:.2f}" in printed
+
+
+def test_table2_fusion_at_three_layers_parameter_count():
+    """Table 2's last row, ReLU3 + ReLU5 + FC6 (190,06M): conv fusion at each, motion tower cut
+    after fc6. With the paper's counting (D x D filters, conv1 of 20 channels) ours is 190.12 M;
+    the 0.06 M left is not explained (both towers' other layers match Table 1 exactly)."""
+    kw = dict(num_classes=101, flow_stack=10, fusion="conv", fuse_at="relu3+relu5+fc6")
+    ours = count("fusion_vggm2048", truncate=True, **kw)
+    motion_fc7_fc8 = conv(4096, 2048, 1) + conv(2048, 101, 1)
+    filters = 2 * CONV + conv(2 * 4096, 4096, 1)  # relu3 and relu5: 512 channels, fc6: 4096
+    assert ours == sum(RGB + FLOW) - motion_fc7_fc8 + filters
+    as_paper = ours - filters + 2 * PAPER_CONV_FILTER + conv(4096, 4096, 1) + CONV1_AS_FLOW
+    assert as_paper == 190_124_581 and abs(as_paper - 190.06e6) < 0.1e6
+
+
+def test_fusion_at_several_layers_runs_the_motion_tower_beside():
+    """relu3+relu5+fc8: the motion map is added into the appearance tower at relu3 and again at
+    relu5 (the motion tower itself runs on unfused), then the two towers' scores are averaged."""
+    torch.manual_seed(0)
+    net = create_model("fusion_vggm2048", num_classes=5, width=4, flow_stack=2, fusion="sum",
+                       fuse_at="relu3+relu5+fc8").eval()  # fmt: skip
+    rgb, flow = torch.randn(2, 3, 3, 96, 96), torch.randn(2, 3, 4, 96, 96)
+    a, m = net.appearance, net.motion
+    with torch.no_grad():
+        out = net(rgb, flow)
+        m3, m5 = m.run(flow, None, "relu3"), m.run(flow, None, "relu5")
+        y = a.run(a.run(rgb, None, "relu3") + m3, "relu3", "relu5") + m5
+        expected = (a.run(y, "relu5", None) + m.run(flow)) / 2
+    assert set(out) == {"fusion"} and out["fusion"].shape == (2, 3, 5)
+    torch.testing.assert_close(out["fusion"], expected)
+    assert len(net.more_fusions) == 1 and not net.motion.dropped_layers  # the tower is whole
+    conv = create_model("fusion_vggm2048", num_classes=5, width=4, flow_stack=2, fusion="conv",
+                        fuse_at="relu3+relu5+fc8")  # fmt: skip
+    assert sorted(conv.fresh_keys()) == [
+        f"{layer}.conv.{p}" for layer in ("fusion", "more_fusions.0") for p in ("bias", "weight")
+    ]
+    resnet = create_model("fusion_resnet50", num_classes=5, width=4, flow_stack=2, fusion="conv",
+                          fuse_at="layer3+layer4+fc8").eval()  # fmt: skip
+    with torch.no_grad():
+        out = resnet(torch.randn(1, 2, 3, 64, 64), torch.randn(1, 2, 4, 64, 64))
+    assert set(out) == {"fusion"} and out["fusion"].shape == (1, 2, 5)
 
 
 def test_softmax_fusion_is_the_two_stream_baseline():
@@ -213,6 +258,22 @@ def test_single_stream_checkpoints_load_into_cut_and_widened_towers(tmp_path):
     assert net.appearance.fc6.weight.shape[1] == 2 * saved["fc6.weight"].shape[1]
 
 
+def test_single_stream_resnet_loads_into_a_tower_concatenation_widened():
+    """Concatenation after layer3 doubles the inputs of layer4's first unit: those two convs
+    start fresh, every other key comes from the single-stream checkpoint."""
+    torch.manual_seed(0)
+    kw = dict(num_classes=3, width=4)
+    saved = create_model("resnet50", **kw).state_dict()
+    net = create_model("fusion_resnet50", flow_stack=2, fusion="concat", fuse_at="layer3", **kw)
+    report = load_pretrained(net.appearance, saved)
+    fresh = ["layer4.0.conv1.weight", "layer4.0.downsample.0.weight"]
+    assert sorted(m.split()[0] for m in report.mismatched) == fresh
+    assert report.unexpected == [] and sorted(report.missing) == fresh
+    assert torch.equal(net.appearance.layer4[0].conv2.weight, saved["layer4.0.conv2.weight"])
+    assert net.appearance.layer4[0].conv1.in_channels == 2 * saved["layer3.5.conv3.weight"].shape[0]
+    net(torch.randn(1, 1, 3, 64, 64), torch.randn(1, 1, 4, 64, 64))
+
+
 def test_frozen_towers_train_only_from_the_fusion_on():
     torch.manual_seed(0)
     net = create_model("fusion_resnet50", num_classes=3, width=4, flow_stack=2, fusion="conv",
@@ -245,6 +306,11 @@ def test_frozen_towers_train_only_from_the_fusion_on():
         ({"dropout": 1.5}, "dropout must be in [0, 1), got 1.5"),
         ({"dropout": "high"}, "dropout must be in [0, 1), got high"),
         ({"motion_net": "vgg19"}, "unknown VGG backbone 'vgg19'; known: vggm2048, vgg16"),
+        ({"fusion": "sum", "fuse_at": "relu5+relu3"}, "fuse_at 'relu5+relu3': list the layers in"),
+        ({"fusion": "sum", "fuse_at": "fc8+relu5"}, "fuse_at 'fc8+relu5': fc8 (the scores) can"),
+        ({"fusion": "sum", "fuse_at": "relu5+relu5"}, "fuse_at 'relu5+relu5': name each layer"),
+        ({"fusion": "bilinear", "fuse_at": "relu3+relu5"}, "fusion at several layers ('relu3+"),
+        ({"fusion": "conv", "fuse_at": "relu5+fc8", "truncate": True}, "fuse_at 'relu5+fc8' aver"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(kw, message):
