@@ -44,6 +44,10 @@ RESNET_BLOCKS = {  # (blocks per stage, bottleneck) -> depth, for 2D and 3D ResN
     ((3, 4, 23, 3), True): 101,
     ((3, 8, 36, 3), True): 152,
 }
+# torchvision's VGG16_Weights.IMAGENET1K_V1 (71.59 % top-1): the very deep tower of Two-Stream
+# Fusion (Sec. 3.5). VGG-M-2048 has no torchvision file (the authors' imagenet-vgg-m-2048.mat is
+# MatConvNet's; convert it to a state dict with our key names and give model.init that file).
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 IMAGENET_URL_ENV = "STRNET_IMAGENET_URL"  # another URL of a file named <name>-<sha256 prefix>.<ext>
 _verified: dict[Path, tuple[int, int]] = {}  # hub files whose hash matched: (size, mtime_ns)
 
@@ -82,6 +86,33 @@ def resnet_depth(module: nn.Module) -> int | None:
     return RESNET_BLOCKS.get((stages, bottleneck))
 
 
+def vgg16_from_torchvision(state: dict) -> dict:
+    """torchvision's VGG-16 keys and shapes -> `strnet.vgg`'s: `features.<i>` are conv1_1 ...
+    conv5_3 in order; classifier.0/3/6 (Linear) become fc6 (a 7 x 7 conv over pool5: torchvision
+    flattens pool5 as (C, H, W), so the weight is reshaped, not permuted), fc7 and fc8 (1 x 1)."""
+    names = [
+        f"conv{b}_{c}" for b, convs in enumerate((2, 2, 3, 3, 3), 1) for c in range(1, convs + 1)
+    ]
+    convs = sorted({int(k.split(".")[1]) for k in state if k.startswith("features.")})
+    fcs = {"classifier.0": "fc6", "classifier.3": "fc7", "classifier.6": "fc8"}
+    if len(convs) != len(names) or not all(f"{k}.weight" in state for k in fcs):
+        raise WeightsError(
+            f"imagenet (VGG-16): expected torchvision's 13 conv and 3 linear layers, got "
+            f"{len(convs)} conv layers and keys {', '.join(sorted(state)[:4])} ..."
+        )
+    out = {}
+    for index, name in zip(convs, names, strict=True):
+        for part in ("weight", "bias"):
+            out[f"{name}.{part}"] = state[f"features.{index}.{part}"]
+    for key, name in fcs.items():
+        weight = state[f"{key}.weight"]
+        cin = weight.shape[1] // 49 if name == "fc6" else weight.shape[1]
+        side = 7 if name == "fc6" else 1
+        out[f"{name}.weight"] = weight.reshape(weight.shape[0], cin, side, side)
+        out[f"{name}.bias"] = state[f"{key}.bias"]
+    return out
+
+
 def hub_path(url: str) -> Path:
     """Where `torch.hub.load_state_dict_from_url` keeps `url`: <hub dir>/checkpoints/<name>."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
@@ -111,7 +142,7 @@ def check_cached_hash(path: Path) -> None:
 
 
 def fetch_imagenet(url: str | None = None, map_location: str | torch.device = "cpu") -> dict:
-    """torchvision's ImageNet ResNet-50 state dict (`imagenet_url()`), downloaded once.
+    """A torchvision ImageNet state dict (default `imagenet_url()`, ResNet-50), downloaded once.
 
     `torch.hub.load_state_dict_from_url(url, check_hash=True, weights_only=True)`: the first
     call downloads into torch's hub cache ($TORCH_HOME/hub/checkpoints) and checks the sha256
@@ -309,12 +340,21 @@ def load_pretrained(
     tower truncated after the fusion point) are skipped. Any other missing,
     unexpected or mismatched key raises WeightsError naming them, and nothing is loaded.
     """
-    if isinstance(source, str) and source == IMAGENET:
+    if (
+        isinstance(source, str)
+        and source == IMAGENET
+        and getattr(module, "backbone", "") == "vgg16"
+    ):
+        url = os.environ.get(IMAGENET_URL_ENV) or VGG16_URL
+        source = vgg16_from_torchvision(strip_prefixes(fetch_imagenet(url)))
+        where = "imagenet (VGG-16)"
+    elif isinstance(source, str) and source == IMAGENET:
         depth = resnet_depth(module)
         if depth is None:
             raise WeightsError(
-                f"imagenet: torchvision's ImageNet files are ResNets of 18-152 layers, and "
-                f"{type(module).__name__} is not one; give model.init a local weights file"
+                f"imagenet: torchvision's ImageNet files are ResNets of 18-152 layers and "
+                f"VGG-16, and {type(module).__name__} ({getattr(module, 'backbone', '')}) is "
+                "neither; give model.init a local weights file"
             )
         source = strip_prefixes(fetch_imagenet(imagenet_url(depth)))
         where = f"imagenet (ResNet-{depth})"

@@ -397,3 +397,66 @@ def test_tiny_fusion_model_overfits_through_the_reader(tmp_path, phase):
         fused = np.mean([z[f"scores_{s}"] for s in streams], axis=0)
         top1 = float((fused.argmax(1) == z["labels"]).mean())
     assert json.loads((out / "run_split1.json").read_text())["top1"] == top1 == 1.0
+
+
+# --------------------------------------------------------------------------- VGG-16 ImageNet
+def torchvision_vgg16_state(net) -> dict:
+    """Random weights of `net`'s shapes under torchvision's VGG-16 keys (features.<i>: conv
+    layers at torchvision's indices, classifier.0/3/6 Linear, fc6 flattened over (C, 7, 7))."""
+    torch.manual_seed(3)
+    state, index = {}, 0
+    for name in [n for n in net.names if n.startswith(("conv", "relu", "pool"))]:
+        layer = getattr(net, name)
+        if name.startswith("conv"):
+            state[f"features.{index}.weight"] = torch.randn_like(layer.weight) * 0.2
+            state[f"features.{index}.bias"] = torch.randn_like(layer.bias)
+        index += 1
+    for key, name in (("classifier.0", "fc6"), ("classifier.3", "fc7"), ("classifier.6", "fc8")):
+        w = getattr(net, name).weight
+        rows = 1000 if name == "fc8" else w.shape[0]
+        state[f"{key}.weight"] = torch.randn(rows, w[0].numel()) * 0.01
+        state[f"{key}.bias"] = torch.randn(rows)
+    return state
+
+
+def test_vgg16_imagenet_weights_from_torchvisions_file(tmp_path, monkeypatch):
+    """model.init=imagenet on a VGG-16 tower reads torchvision's vgg16-397923af.pth through the
+    hub cache (here a file:// URL): convs copied, fc6 reshaped so it computes torchvision's
+    Linear over the flattened pool5, fc8 a new head; a flow tower gets the mean RGB filter."""
+    import hashlib
+
+    from strnet import weights
+
+    assert weights.hub_path(weights.VGG16_URL).name == "vgg16-397923af.pth"
+    net = create_model("vgg16", num_classes=3, width=4).eval()
+    state = torchvision_vgg16_state(net)
+    assert [k for k in state if k.startswith("features.")][:4] == [
+        "features.0.weight", "features.0.bias", "features.2.weight", "features.2.bias"
+    ]  # fmt: skip
+    tmp = tmp_path / "server" / "tmp.pth"
+    tmp.parent.mkdir()
+    torch.save(state, tmp)
+    path = tmp.rename(
+        tmp.with_name(f"vgg16tiny-{hashlib.sha256(tmp.read_bytes()).hexdigest()[:8]}.pth")
+    )
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(weights, "_verified", {})
+    monkeypatch.setenv(weights.IMAGENET_URL_ENV, path.as_uri())
+    report = load_pretrained(net, "imagenet")
+    assert sorted(report.missing) == ["fc8.bias", "fc8.weight"] and not report.unexpected
+    assert torch.equal(net.conv5_3.weight, state["features.28.weight"])
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        pool5 = net.run(x[:, None], None, "pool5")[:, 0]
+        fc6 = net.run(x[:, None], None, "fc6")[:, 0, :, 0, 0]
+    linear = torch.nn.functional.linear
+    ref = linear(pool5.flatten(1), state["classifier.0.weight"], state["classifier.0.bias"])
+    torch.testing.assert_close(fc6, ref, rtol=0, atol=1e-5 * ref.abs().max().item())  # float32
+    fused = create_model("fusion_vgg16", num_classes=3, width=4, flow_stack=2, fusion="conv",
+                         fuse_at="relu5", truncate=True)  # fmt: skip
+    report = load_pretrained(fused.motion, "imagenet")
+    assert "conv1_1.weight" in report.adapted and "fc6.weight" not in report.loaded  # cut away
+    rgb_mean = state["features.0.weight"].mean(dim=1, keepdim=True).expand(-1, 4, -1, -1)
+    assert torch.equal(fused.motion.conv1_1.weight, rgb_mean)
+    with pytest.raises(Exception, match="^imagenet: torchvision's ImageNet files are ResNets"):
+        load_pretrained(create_model("vggm2048", num_classes=3, width=2), "imagenet")
