@@ -22,6 +22,7 @@ except ModuleNotFoundError:  # Python 3.10
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")  # run.device and every --device
 DEVICES = "auto, cpu, cuda or cuda:N"
+LOSSES = ("softmax", "hinge")  # optim.loss
 PHASES = ("motion", "appearance", "st-resnet", "st-resnet-star")
 PHASES += ("resnet3d18-kinetics", "resnet3d34-kinetics")  # Hara et al. 2017, Sec. 3.2
 PHASES += ("fusion", "fusion-3d")  # Two-Stream Fusion (CVPR 2016): Table 1, Sec. 3.4
@@ -91,6 +92,10 @@ class OptimConfig:
     iterations: list[int] = field(default_factory=lambda: [30000, 10000])  # steps of each stage
     momentum: float = 0.9  # SGD momentum (Sec. 3.4)
     weight_decay: float = 5e-4  # L2 weight decay (MatConvNet default of the authors' code)
+    # softmax: cross-entropy (the papers' networks); hinge: the multi-class SVM hinge of Weston and
+    # Watkins, margin 1 (torch's multi_margin_loss), with weight decay as its L2 term: on frozen
+    # towers' bilinear features this trains Table 1's linear SVM by SGD
+    loss: str = "softmax"
 
 
 @dataclass
@@ -168,6 +173,7 @@ class TrainConfig:
                 "optim.batch_size must be a multiple of micro_batch",
             ),
             (0 <= o.momentum < 1, "optim.momentum must be in [0, 1)"),
+            (o.loss in LOSSES, f"optim.loss must be one of {', '.join(LOSSES)}, got {o.loss!r}"),
             (
                 math.isfinite(o.weight_decay) and o.weight_decay >= 0,
                 f"optim.weight_decay must be a finite number >= 0, got {o.weight_decay}",

@@ -200,6 +200,7 @@ RESUME_KEYS = (
     *(f"model.{f.name}" for f in dataclasses.fields(ModelConfig) if f.name not in START_ONLY),
     "data.use_rgb", "data.use_flow", "data.flow_stack", "data.flow_offset",
     "optim.batch_size", "optim.lrs", "optim.iterations", "optim.momentum", "optim.weight_decay",
+    "optim.loss",
 )  # fmt: skip
 RESUME_HINT = "; --resume keeps a run's settings (--force starts it over)"
 

@@ -200,15 +200,19 @@ def to_channels_last(model: torch.nn.Module) -> None:
             p.data = p.data.contiguous(memory_format=torch.channels_last)
 
 
-def clip_loss(scores: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """Sum over streams of the mean cross-entropy over every (clip, chunk) position.
+def clip_loss(
+    scores: dict[str, torch.Tensor], labels: torch.Tensor, kind: str = "softmax"
+) -> torch.Tensor:
+    """Sum over streams of the mean loss over every (clip, chunk) position: cross-entropy, or
+    with `kind` "hinge" the multi-class SVM hinge (`optim.loss`).
 
     The paper keeps one loss per input chunk and per stream (Sec. 3.4, no joint classifier).
     """
+    loss = F.multi_margin_loss if kind == "hinge" else F.cross_entropy
     total = 0.0
     for s in scores.values():
         b, t, k = s.shape
-        total = total + F.cross_entropy(s.float().reshape(b * t, k), labels.repeat_interleave(t))
+        total = total + loss(s.float().reshape(b * t, k), labels.repeat_interleave(t))
     return total
 
 
@@ -581,7 +585,7 @@ def train_step(run: Run, stream, autocast) -> dict:
         sync = micro == run.accum - 1 or ctx.world_size == 1
         with nullcontext() if sync else run.model.no_sync(), autocast:
             scores = forward_scores(run.model, batch, two_stream, ctx.device)
-            loss = clip_loss(scores, labels)
+            loss = clip_loss(scores, labels, run.cfg.optim.loss)
         (loss / run.accum).backward()
         pred = fused_scores(scores).argmax(1)
         stats += torch.tensor([loss.item(), (pred == labels).sum().item(), len(labels)])

@@ -25,7 +25,7 @@ from strnet.fusion import (
 )
 from strnet.models import create_model
 from strnet.runtime import build_model
-from strnet.train import train
+from strnet.train import clip_loss, train
 from strnet.weights import load_pretrained
 
 
@@ -460,3 +460,18 @@ def test_vgg16_imagenet_weights_from_torchvisions_file(tmp_path, monkeypatch):
     assert torch.equal(fused.motion.conv1_1.weight, rgb_mean)
     with pytest.raises(Exception, match="^imagenet: torchvision's ImageNet files are ResNets"):
         load_pretrained(create_model("vggm2048", num_classes=3, width=2), "imagenet")
+
+
+# --------------------------------------------------------------------------- bilinear + SVM
+def test_hinge_loss_is_the_multiclass_svm_of_table1():
+    """optim.loss = "hinge": Weston-Watkins' hinge, sum over wrong classes j of
+    max(0, 1 - s_y + s_j) / K, averaged over positions; zero once every margin is met."""
+    scores = torch.tensor([[[3.0, 1.5, -2.0], [0.2, 0.5, 0.0]]])  # (B=1, T=2, K=3)
+    labels = torch.tensor([0])
+    by_hand = (0 + 0) / 3, (max(0, 1 - 0.2 + 0.5) + max(0, 1 - 0.2 + 0.0)) / 3
+    got = clip_loss({"fusion": scores}, labels, "hinge")
+    assert got.item() == pytest.approx(sum(by_hand) / 2)
+    assert clip_loss({"fusion": scores[:, :1]}, labels, "hinge").item() == 0.0
+    assert clip_loss({"fusion": scores}, labels).item() > got.item()  # cross-entropy by default
+    with pytest.raises(ConfigError, match="^optim.loss must be one of softmax, hinge, got 'svm'"):
+        load_config("fusion", ["optim.loss='svm'"])

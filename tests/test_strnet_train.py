@@ -682,7 +682,7 @@ def test_a_planted_temp_symlink_is_not_followed(clips, tmp_path):
 def test_a_nonfinite_loss_and_a_full_disk_are_one_line(clips, tmp_path, monkeypatch):
     runner, out = CliRunner(), tmp_path / "run"
     with monkeypatch.context() as m:
-        m.setattr(strnet.train, "clip_loss", lambda scores, labels: sum(
+        m.setattr(strnet.train, "clip_loss", lambda scores, labels, kind: sum(
             s.float().mean() for s in scores.values()) * float("nan"))  # fmt: skip
         r = runner.invoke(train_command, ["motion", "--out", str(out), *cli_sets(clips)])
     assert (r.exit_code, r.output.strip()) == (1, "Error: loss is nan at step 1; lower optim.lrs")
