@@ -2,6 +2,7 @@
 
 If the loader alone delivers fewer samples/s than the full step consumes, the run is data-bound.
 Without --data a synthetic frame folder (short side 256, like `flowprep extract`) is generated.
+Phases start from random weights, so fusion phases train their towers too (freeze_towers off).
 
     python benchmarks/train.py --width 16 --crop-size 112 --steps 4      # quick CPU check
     python benchmarks/train.py --width 64 --crop-size 224 --device cuda  # the paper's sizes
@@ -116,6 +117,7 @@ def main(data, phases, width, crop_size, micro_batch, steps, workers, device, js
             "model.init_appearance=''", "model.init_motion=''", f"optim.batch_size={micro_batch}",
             f"optim.micro_batch={micro_batch}", "model.bn_sub_batch=0", "run.progress=false",
             f"run.device={json.dumps(device)}",
+            *(["model.freeze_towers=false"] if "fusion" in item else []),  # random towers
         ])  # fmt: skip
         row = {"phase": item, "loader_samples_per_s": loader_rate(cfg, steps * 4)}
         row.update(step_rate(cfg, steps))

@@ -42,6 +42,8 @@ def _runtime_settings(args: list[str], env_extra: dict[str, str]) -> str:
         "import flowprep.extract, torch; torch.ones(4).sum()",
         "import flowprep.flow",
         "from flowprep.flow_service import resolve_devices; resolve_devices('auto')",
+        "import strnet.train, torch; torch.ones(4).sum()",  # training, 2.3-9x faster when busy
+        "import strnet.models, torch; torch.ones(4).sum()",
     ],
 )
 def test_torch_runtime_loads_with_short_spins(code: str) -> None:
