@@ -106,6 +106,23 @@ def quarter_turns(rotation: float) -> int:
     return turns % 4 if abs(rotation - 90 * turns) <= 1 else 0
 
 
+def display_rotation(path: Path) -> int:
+    """Degrees clockwise (0/90/180/270) `iter_frames` turns this video's frames to stand them up.
+
+    Decodes the first frame only. Resume uses it for frame folders written before flowprep
+    applied rotation (their meta.json has no "rotation"): those of a rotated video are redone.
+    """
+    with _open(Path(path)) as container:
+        if not container.streams.video:
+            raise VideoError("no video stream")
+        try:
+            for frame in container.decode(container.streams.video[0]):
+                return (-90 * quarter_turns(frame.rotation)) % 360
+        except av.error.FFmpegError as exc:
+            raise VideoError(f"decode error ({exc.strerror or exc})") from None
+    raise VideoError("no decodable frames")
+
+
 def iter_frames(
     path: Path, *, short_side: int = 256, threads: int = 0, stats: DecodeStats | None = None
 ) -> Iterator[np.ndarray]:

@@ -22,7 +22,7 @@ from contextlib import nullcontext
 from pathlib import Path, PurePosixPath
 
 from flowprep.atomic import write_json_atomic, write_text_atomic
-from flowprep.decode import VideoError, probe
+from flowprep.decode import VideoError, display_rotation, probe
 from flowprep.flow_service import FlowService, resolve_devices
 from flowprep.layout import (
     FAILURES,
@@ -63,7 +63,9 @@ def extract_video(
     run_batch) the video is written only while that run owns OUT.
     """
     if not force:
-        done = finished_result(entry, Path(video_root), Path(out_root), settings)
+        done = finished_result(
+            entry, Path(video_root), Path(out_root), settings, rotation_of=display_rotation
+        )
         if done is not None:
             return done
     source = Path(video_root) / entry.path
@@ -105,7 +107,12 @@ def extract_video(
         }
         write_json_atomic(staging / META, meta)
         write_json_atomic(
-            staging / MARKER, {"settings_hash": settings.digest(), **source_identity(source)}
+            staging / MARKER,
+            {
+                "settings_hash": settings.digest(),
+                **source_identity(source),
+                "rotation": counts["rotation"],  # packed as the shard's stamp (extract_hdf5)
+            },
         )
         with claim.commit() if claim is not None else nullcontext():
             old = swap_into_place(staging, Path(out_root), entry.video_id)
@@ -228,7 +235,7 @@ def run_batch(
         for entry in work:  # not reached (--strict): finished ones still belong in the lists
             if entry.video_id in visited:
                 continue
-            done = finished_result(entry, root, out_root, settings)
+            done = finished_result(entry, root, out_root, settings, display_rotation)
             if done is not None:
                 results.append(done)
                 if on_result:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,11 +64,17 @@ def is_done(out_dir: Path, settings: ExtractSettings, source: Path) -> bool:
 
 
 def finished_result(
-    entry: VideoEntry, video_root: Path, out_root: Path, settings: ExtractSettings
+    entry: VideoEntry,
+    video_root: Path,
+    out_root: Path,
+    settings: ExtractSettings,
+    rotation_of: Callable[[Path], int] | None = None,
 ) -> VideoResult | None:
     """A "skipped" result when OUT/<video_id> is finished for these settings and this source.
 
     A folder whose marker matches but whose meta.json is missing or unreadable is not finished.
+    Nor is one written before rotation was applied (no "rotation" in meta.json) when
+    `rotation_of(source)` (`decode.display_rotation`) says the frames should have been turned.
     """
     source, final = Path(video_root) / entry.path, Path(out_root) / entry.video_id
     if not exists(source) or not is_done(final, settings, source):
@@ -79,6 +86,12 @@ def finished_result(
         return None
     if any(not isinstance(n, int) or isinstance(n, bool) for n in (num_frames, num_flows)):
         return None
+    if rotation_of is not None and "rotation" not in meta:
+        try:
+            if rotation_of(source) != 0:
+                return None  # stored sideways by a flowprep that did not turn frames upright
+        except Exception:  # noqa: BLE001 - unreadable now: redo it, and its failure is reported
+            return None
     return VideoResult(
         entry.video_id,
         "skipped",

@@ -153,3 +153,55 @@ def test_extract_records_the_rotation_it_applied(tmp_path: Path) -> None:
         assert meta["rotation"] == rotation
         assert (meta["height"], meta["width"]) == size  # upright; source_* stay as stored
         assert (meta["source_height"], meta["source_width"]) == (32, 64)
+
+
+def test_folders_written_before_rotation_was_applied_are_redone(tmp_path: Path) -> None:
+    """meta.json without "rotation" (flowprep before the fix) of a rotated video: extracted again,
+    upright; of an unrotated one: kept. Resume decodes one frame for such folders only."""
+    from flowprep.decode import display_rotation
+    from flowprep.extract import run_batch
+    from flowprep.manifest import VideoEntry
+    from flowprep.settings import ExtractSettings
+
+    (tmp_path / "v").mkdir()
+    _write_marked(tmp_path / "v" / "phone.mp4", 3, rotation=-90)
+    _write_marked(tmp_path / "v" / "plain.mp4", 3)
+    assert [display_rotation(tmp_path / "v" / f"{n}.mp4") for n in ("phone", "plain")] == [90, 0]
+    entries = [VideoEntry(n, f"{n}.mp4") for n in ("phone", "plain")]
+    settings, out = ExtractSettings(short_side=0), tmp_path / "out"
+    run_batch(entries, tmp_path / "v", out, settings)
+    for name in ("phone", "plain"):  # as an older flowprep left them
+        meta = json.loads((out / name / "meta.json").read_text())
+        del meta["rotation"]
+        (out / name / "meta.json").write_text(json.dumps(meta))
+    results = {r.video_id: r.status for r in run_batch(entries, tmp_path / "v", out, settings)}
+    assert results == {"phone": "done", "plain": "skipped"}
+    assert json.loads((out / "phone" / "meta.json").read_text())["rotation"] == 90
+    assert "rotation" not in json.loads((out / "plain" / "meta.json").read_text())
+    again = {r.video_id: r.status for r in run_batch(entries, tmp_path / "v", out, settings)}
+    assert again == {"phone": "skipped", "plain": "skipped"}
+
+
+def test_shards_packed_before_rotation_was_applied_are_redone(tmp_path: Path) -> None:
+    """The same for `extract --format hdf5`: a shard stamp (the `.done` marker) without
+    "rotation" of a rotated video is extracted and packed again; an unrotated one is kept."""
+    from flowprep.extract_hdf5 import extract_to_shards
+    from flowprep.manifest import VideoEntry
+    from flowprep.settings import ExtractSettings
+
+    (tmp_path / "v").mkdir()
+    _write_marked(tmp_path / "v" / "phone.mp4", 3, rotation=-90)
+    _write_marked(tmp_path / "v" / "plain.mp4", 3)
+    entries = [VideoEntry(n, f"{n}.mp4") for n in ("phone", "plain")]
+    settings, out = ExtractSettings(short_side=0), tmp_path / "shards"
+    extract_to_shards(entries, tmp_path / "v", out, settings)
+    index = json.loads((out / "index.json").read_text())
+    assert {v["rotation"] for v in index["stamps"].values()} == {0, 90}
+    for stamp in index["stamps"].values():
+        del stamp["rotation"]  # as an older flowprep packed them
+    (out / "index.json").write_text(json.dumps(index))
+    results = {
+        r.video_id: r.status for r in extract_to_shards(entries, tmp_path / "v", out, settings)
+    }
+    assert results == {"phone": "done", "plain": "skipped"}
+    assert json.loads((out / "index.json").read_text())["stamps"]["phone"]["rotation"] == 90
