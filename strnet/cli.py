@@ -40,7 +40,8 @@ class DeviceUnavailable(click.ClickException):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="strnet")
 def main() -> None:
-    """Train, evaluate and summarise two-stream, ST-ResNet, ST-ResNet* and STM-ResNet models."""
+    """Train, evaluate, summarise and run two-stream ResNets, ST-ResNet(*), STM-ResNet, the
+    Two-Stream Fusion networks and 3D ResNets."""
 
 
 # --- train
