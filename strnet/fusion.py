@@ -317,9 +317,10 @@ class FusionNet(nn.Module):
     `truncate`: drop the motion tower after the fusion point (Fig. 2 left), else keep it with
     its own classifier (Fig. 2 right, Sec. 3.4). `pool3d` (default: with conv3d fusion) makes
     pool5 of the fused tower and of a kept motion tower 3D max pools (Sec. 3.3).
-    `freeze_towers`: the towers' layers up to the fusion point are not trained
+    `freeze_towers`: the towers' layers up to the (first) fusion point are not trained
     (`requires_grad=False`): "We only propagate back to the injected fusion layer" (Sec. 3.5;
-    `backpropDepth` in cnn_ucf101_fusion.m); a ResNet's BN statistics there still move.
+    `backpropDepth` in cnn_ucf101_fusion.m); a ResNet's BatchNorm layers there keep their
+    statistics too (`train`).
 
     `fuse_at` may list several points joined by "+" (`relu3+relu5`, `relu5+fc8`; Table 2):
     each gets its own fusion layer of the same kind, the motion tower runs on unfused and feeds
@@ -379,7 +380,7 @@ class FusionNet(nn.Module):
         if freeze_towers:
             if self.cut is None:
                 raise ValueError("freeze_towers needs a fusion layer: fuse_at is 'softmax'")
-            for tower, cut in zip((appearance, motion), self.cuts[-1], strict=True):
+            for tower, cut in zip((appearance, motion), self.cut, strict=True):
                 for p in below(tower, cut).parameters():
                     p.requires_grad_(False)
 
@@ -391,7 +392,7 @@ class FusionNet(nn.Module):
         """
         super().train(mode)
         if getattr(self, "freeze_towers", False) and self.cut is not None:
-            for tower, cut in zip((self.appearance, self.motion), self.cuts[-1], strict=True):
+            for tower, cut in zip((self.appearance, self.motion), self.cut, strict=True):
                 for m in below(tower, cut).modules():
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         m.eval()
