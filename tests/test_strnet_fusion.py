@@ -124,6 +124,14 @@ def test_fusion_at_several_layers_runs_the_motion_tower_beside():
     assert sorted(conv.fresh_keys()) == [
         f"{layer}.conv.{p}" for layer in ("fusion", "more_fusions.0") for p in ("bias", "weight")
     ]
+    frozen = create_model("fusion_vggm2048", num_classes=5, width=4, flow_stack=2, fusion="conv",
+                          fuse_at="relu3+relu5+fc8", freeze_towers=True)  # fmt: skip
+    out = frozen(torch.randn(1, 1, 3, 96, 96), torch.randn(1, 1, 4, 96, 96))
+    out["fusion"].sum().backward()
+    grads = {n.split(".")[0] + "." + n.split(".")[1] for n, p in frozen.named_parameters()
+             if p.grad is not None}  # fmt: skip
+    assert {"appearance.conv4", "appearance.conv5", "motion.conv4", "motion.fc8"} <= grads
+    assert not grads & {"appearance.conv3", "motion.conv3", "appearance.conv1"}  # below relu3
     resnet = create_model("fusion_resnet50", num_classes=5, width=4, flow_stack=2, fusion="conv",
                           fuse_at="layer3+layer4+fc8").eval()  # fmt: skip
     with torch.no_grad():
