@@ -68,6 +68,9 @@ class ModelConfig:
     bn_sub_batch: int = 0  # samples per BatchNorm sub-batch (Table 2 "Bnorm batch"); 0 = whole
     residual_input: str = "pre_relu"  # eq. 2's x_a: "pre_relu" (authors') or "post_relu" (old)
     stride_in_1x1: bool = False  # ResNet v1 (stride on 1x1, Table 1); False: v1.5 (torchvision)
+    # dropout before fc of a ResNet stream (two-stream models: the motion stream's). The paper:
+    # none; the authors' code: 0.8 for the motion stream and STM-ResNet (docs/strnet.md)
+    head_dropout: float = 0.0
     # Two-Stream Fusion (fusion_* models, strnet.fusion): how, where, which towers
     fusion: str = "sum"  # sum, max, concat, conv, bilinear (Sec. 3.1) or conv3d (Sec. 3.3)
     fuse_at: str = "softmax"  # layer the towers are fused after ("relu5", "relu4", ...) or softmax
@@ -174,6 +177,10 @@ class TrainConfig:
             ),
             (0 <= o.momentum < 1, "optim.momentum must be in [0, 1)"),
             (o.loss in LOSSES, f"optim.loss must be one of {', '.join(LOSSES)}, got {o.loss!r}"),
+            (
+                0 <= m.head_dropout < 1,
+                f"model.head_dropout must be in [0, 1), got {m.head_dropout}",
+            ),
             (
                 math.isfinite(o.weight_decay) and o.weight_decay >= 0,
                 f"optim.weight_decay must be a finite number >= 0, got {o.weight_decay}",

@@ -38,14 +38,17 @@ def two_stream(
     kind: str = "late",
     flow_stack: int = FLOW_STACK,
     residual_input: str = "pre_relu",
+    head_dropout: float = 0.0,
     **stream_kw,
 ) -> TwoStream:
     """Appearance (3 channels) + motion (2L channels) streams of the same ResNet `depth`.
 
     `kind`: "late" (two-stream baseline), "st" (ST-ResNet: motion residuals and inflated temporal
     convs), "st_star" (+ temporal max-pool), "stm" (STM-ResNet). `residual_input` is eq. 2's
-    x_a: "pre_relu" (the authors') or "post_relu" (earlier strnet versions). `stream_kw` go to both
-    `ResNet`s (num_classes, width, bn_sub_batch, stride_in_1x1).
+    x_a: "pre_relu" (the authors') or "post_relu" (earlier strnet versions). `head_dropout`:
+    dropout before the motion stream's classifier (the appearance stream has none: the authors'
+    STMulNet.m sets 0.8 on the flow net's dropout layer only). `stream_kw` go to both `ResNet`s
+    (num_classes, width, bn_sub_batch, stride_in_1x1).
     """
     links, temporal, pool = KINDS[kind]
     if temporal and DEPTHS[depth][0] is not Bottleneck:
@@ -53,14 +56,15 @@ def two_stream(
     stream_kw.setdefault("num_classes", 101)
     common = dict(temporal=temporal, temporal_pool=pool, **stream_kw)
     appearance = resnet(depth, in_channels=3, links=links, residual_input=residual_input, **common)
-    motion = resnet(depth, in_channels=2 * flow_stack, **common)
+    motion = resnet(depth, in_channels=2 * flow_stack, head_dropout=head_dropout, **common)
     return TwoStream(appearance, motion)
 
 
 STREAM_ARGS = ("num_classes", "width", "bn_sub_batch", "stride_in_1x1")
-SINGLE_ARGS = (*STREAM_ARGS, "in_channels")
+SINGLE_ARGS = (*STREAM_ARGS, "in_channels", "head_dropout")
 TWO_STREAM_ARGS = (*STREAM_ARGS, "flow_stack")
-LINKED_ARGS = (*TWO_STREAM_ARGS, "residual_input")
+LATE_ARGS = (*TWO_STREAM_ARGS, "head_dropout")  # head_dropout: the motion stream's
+LINKED_ARGS = (*LATE_ARGS, "residual_input")
 RESNET3D_ARGS = ("num_classes", "width", "in_channels")
 FUSION_KEYS = FUSION_ARGS  # Two-Stream Fusion: fusion, fuse_at, truncate, ... (strnet.fusion)
 VGG_FUSION_ARGS = ("num_classes", "width", "flow_stack", *FUSION_KEYS, "dropout", "motion_net")
@@ -73,7 +77,7 @@ def _registry() -> dict[str, tuple[Callable[..., nn.Module], tuple[str, ...]]]:
     reg: dict[str, tuple[Callable[..., nn.Module], tuple[str, ...]]] = {}
     for depth in (18, 34, 50, 101, 152):
         reg[f"resnet{depth}"] = (partial(resnet, depth), SINGLE_ARGS)  # 3 RGB, 2L flow
-        reg[f"two_stream_resnet{depth}"] = (partial(two_stream, depth), TWO_STREAM_ARGS)
+        reg[f"two_stream_resnet{depth}"] = (partial(two_stream, depth), LATE_ARGS)
     for depth in (50, 101, 152):
         reg[f"st_resnet{depth}"] = (partial(two_stream, depth, kind="st"), LINKED_ARGS)
         reg[f"st_resnet{depth}_star"] = (partial(two_stream, depth, kind="st_star"), LINKED_ARGS)
@@ -120,6 +124,9 @@ def check_arguments(name: str, kwargs: dict) -> None:
         if key == "stride_in_1x1":
             if not isinstance(value, bool):
                 raise ValueError(f"{name}: stride_in_1x1 must be True or False, got {value!r}")
+        elif key == "head_dropout":
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+                raise ValueError(f"{name}: head_dropout must be in [0, 1), got {value!r}")
         elif key == "residual_input":
             if value not in RESIDUAL_INPUTS:
                 raise ValueError(
@@ -136,7 +143,8 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
     all: num_classes, width, bn_sub_batch, stride_in_1x1 (False: torchvision's v1.5, stride on
     the 3x3 conv, what torchvision weights expect; True: the original v1 of Table 1); single
-    streams: in_channels; two-stream: flow_stack; ST-/STM-ResNet: residual_input.
+    streams: in_channels; two-stream: flow_stack; ST-/STM-ResNet: residual_input; ResNet single
+    streams and the two-stream ResNets: head_dropout (the motion stream's).
     """
     if name not in REGISTRY:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")

@@ -222,8 +222,15 @@ class ResNet(nn.Module):
         stride_in_1x1: bool = False,
         links: str | None = None,
         residual_input: str = "pre_relu",
+        head_dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        if (
+            not isinstance(head_dropout, int | float)
+            or isinstance(head_dropout, bool)
+            or not (0 <= head_dropout < 1)
+        ):
+            raise ValueError(f"head_dropout must be in [0, 1), got {head_dropout!r}")
         temporal = "inflate" if temporal is True else (temporal or None)
         if temporal is not None and temporal not in TEMPORAL_KINDS:
             raise ValueError(f"temporal must be one of {TEMPORAL_KINDS} or None, got {temporal!r}")
@@ -252,6 +259,10 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(block, width * 8, layers[3], 2)
         self.tpool = TemporalMaxPool(*temporal_pool) if temporal_pool else None
         self.avgpool = Pool5(POOL5)
+        # dropout on the pooled features before fc: none in the paper ("sub-batch normalization
+        # replaces the need for dropout", Sec. 3.3); the authors' motion stream and STM-ResNet
+        # code use 0.8 (cnn_ucf101_temporal.m, STMulNet.m). No parameters, no state-dict keys.
+        self.drop = nn.Dropout(head_dropout) if head_dropout else None
         self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
         self.reset_parameters()
 
@@ -349,7 +360,8 @@ class ResNet(nn.Module):
         The classifier is affine, so averaging pooled features before it equals averaging its
         scores at every location (Sec. 3.4's fully convolutional testing).
         """
-        return self.fc(self.pool5(x).mean(dim=(-2, -1)))
+        x = self.pool5(x).mean(dim=(-2, -1))
+        return self.fc(x if self.drop is None else self.drop(x))
 
     def forward(self, x: torch.Tensor, motion=None, taps: list | None = None) -> torch.Tensor:
         single = isinstance(x, torch.Tensor) and x.dim() == 4

@@ -223,6 +223,8 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
         raise ConfigError(f"unknown model.name {m.name!r}; known: {', '.join(MODEL_NAMES)}")
     if m.num_classes <= 0:
         raise ConfigError("model.num_classes is 0: resolve it from the data first")
+    if is_set(cfg, "model.head_dropout") and "head_dropout" not in model_arguments(m.name):
+        raise ConfigError(f"model.head_dropout is a setting of the ResNet streams, not {m.name}")
     if is_3d(m.name):  # a 3D ResNet reads RGB clips only
         if d.use_flow or not d.use_rgb:
             raise ConfigError(
@@ -231,7 +233,7 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
         kw3d = dict(num_classes=m.num_classes, width=m.width or 64, in_channels=m.in_channels or 3)
         return create_model(m.name, **kw3d)
     kw = dict(num_classes=m.num_classes, width=m.width or 64, bn_sub_batch=m.bn_sub_batch or None)
-    kw.update(stride_in_1x1=m.stride_in_1x1)
+    kw.update(stride_in_1x1=m.stride_in_1x1, head_dropout=m.head_dropout)
     if "residual_input" in model_arguments(m.name):  # ST-/STM-ResNet: eq. 2's x_a
         kw.update(residual_input=m.residual_input)
     kw.update(fusion_kwargs(cfg))

@@ -91,6 +91,8 @@ def test_overrides_are_typed():
         ("run.seed=-1", "run.seed must be >= 0, got -1"),
         ("run.max_steps=-1", "run.max_steps must be >= 0 (0 = full schedule), got -1"),
         ("run.precise_bn=-2", "run.precise_bn must be >= 0 (0 = off), got -2"),
+        ("model.head_dropout=1.0", "model.head_dropout must be in [0, 1), got 1.0"),
+        ("optim.loss='svm'", "optim.loss must be one of softmax, hinge, got 'svm'"),
     ],
 )
 def test_bad_values_fail_with_one_line(override, message):
@@ -145,3 +147,13 @@ def test_zero_periods_fail_where_the_config_is_read(tmp_path):
     with pytest.raises(ConfigError) as exc:
         config_from_dict(values)
     assert str(exc.value) == "run.ckpt_every must be >= 1, got 0"
+
+
+def test_head_dropout_is_refused_for_networks_without_a_resnet_head():
+    from strnet.runtime import build_model
+
+    cfg = load_config("resnet3d18-kinetics", ["model.head_dropout=0.5", "model.num_classes=4"])
+    with pytest.raises(ConfigError, match="^model.head_dropout is a setting of the ResNet streams"):
+        build_model(cfg)
+    cfg = load_config("motion", ["model.head_dropout=0.8", "model.num_classes=4", "model.width=8"])
+    assert build_model(cfg).drop.p == 0.8

@@ -806,3 +806,33 @@ def test_converted_batchnorm_layers_see_frames():
         want, got = net(rgb, flow), synced(rgb, flow)
     for key in want:
         torch.testing.assert_close(got[key], want[key])
+
+
+def test_head_dropout_drops_pooled_features_of_the_motion_stream_only():
+    """model.head_dropout (the authors' 0.8 for the motion stream and STM-ResNet; the paper's
+    text: none): dropout on the pooled conv5 features before fc, in training only; no new keys."""
+    torch.manual_seed(0)
+    plain = create_model("resnet50", num_classes=5, width=8, in_channels=4)
+    dropped = create_model("resnet50", num_classes=5, width=8, in_channels=4, head_dropout=0.8)
+    assert plain.state_dict().keys() == dropped.state_dict().keys()
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 1, 4, 64, 64)
+    plain.eval(), dropped.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dropped(x), plain(x))  # identity at test time
+        pooled = plain.pool5(plain.layer4(plain.layer3(plain.layer2(plain.layer1(plain.stem(x))))))
+    dropped.drop.train()  # BatchNorm stays in eval mode: only the dropout differs from `plain`
+    torch.manual_seed(1)
+    with torch.no_grad():
+        got = dropped.head(dropped.layer4(dropped.layer3(dropped.layer2(dropped.layer1(
+            dropped.stem(x))))))  # fmt: skip
+    torch.manual_seed(1)
+    kept = F.dropout(pooled.mean(dim=(-2, -1)), 0.8, training=True)
+    torch.testing.assert_close(got, plain.fc(kept))
+    st = create_model("stm_resnet50", num_classes=5, width=8, flow_stack=2, head_dropout=0.8)
+    assert st.motion.drop is not None and st.motion.drop.p == 0.8 and st.appearance.drop is None
+    assert create_model("st_resnet50", num_classes=5, width=8).motion.drop is None  # default
+    with pytest.raises(ValueError, match=r"^resnet50: head_dropout must be in \[0, 1\), got 1"):
+        create_model("resnet50", num_classes=5, width=8, head_dropout=1)
+    with pytest.raises(ValueError, match="^resnet3d18: unknown argument 'head_dropout'"):
+        create_model("resnet3d18", num_classes=5, width=8, head_dropout=0.5)
