@@ -15,7 +15,7 @@ from flowprep.decode import display_rotation
 from flowprep.extract import plan, run_batch, write_reports
 from flowprep.manifest import VideoEntry
 from flowprep.ownership import own_folder
-from flowprep.resume import VideoResult, exists, source_identity
+from flowprep.resume import VideoResult, exists, stamp_matches, turned_too_late
 from flowprep.settings import ExtractSettings, RuntimeOptions
 from flowprep.shards import WORK_DIR, ShardWriter, read_index
 
@@ -28,15 +28,9 @@ def _still_valid(index: dict, video_id: str, source: Path, settings: ExtractSett
     stamp = index["stamps"].get(video_id)
     if video_id not in index["videos"] or not isinstance(stamp, dict) or not exists(source):
         return False
-    same = stamp.get("settings_hash") == settings.digest() and all(
-        stamp.get(k) == v for k, v in source_identity(source).items()
+    return stamp_matches(stamp, settings, source) and not turned_too_late(
+        stamp, source, display_rotation
     )
-    if same and "rotation" not in stamp:  # packed before flowprep turned frames upright
-        try:
-            return display_rotation(source) == 0
-        except Exception:  # noqa: BLE001 - unreadable now: redo it, and its failure is reported
-            return False
-    return same
 
 
 def extract_to_shards(

@@ -51,14 +51,33 @@ def source_identity(path: Path) -> dict:
     return {"source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
 
 
+def stamp_matches(stamp: dict, settings: ExtractSettings, source: Path) -> bool:
+    """Whether a completion stamp (a `.done` marker, a shard index's stamp) was made with these
+    settings from this source file."""
+    return stamp.get("settings_hash") == settings.digest() and all(
+        stamp.get(k) == v for k, v in source_identity(source).items()
+    )
+
+
+def turned_too_late(record: dict, source: Path, rotation_of: Callable[[Path], int]) -> bool:
+    """Whether an output whose `record` (meta.json, a shard stamp) holds no "rotation" was
+    written by a flowprep that did not turn frames upright, from a video that needs turning.
+
+    A source that cannot be read now counts as such: it is redone, and its failure reported.
+    """
+    if "rotation" in record:
+        return False
+    try:
+        return rotation_of(source) != 0
+    except Exception:  # noqa: BLE001 - any decode failure: redo the video
+        return True
+
+
 def is_done(out_dir: Path, settings: ExtractSettings, source: Path) -> bool:
     """True when `out_dir` holds a finished video made with these settings from this file."""
-    marker = out_dir / MARKER
     try:
-        data = json.loads(marker.read_text())
-        return data.get("settings_hash") == settings.digest() and all(
-            data.get(k) == v for k, v in source_identity(source).items()
-        )
+        data = json.loads((out_dir / MARKER).read_text())
+        return isinstance(data, dict) and stamp_matches(data, settings, source)
     except (OSError, ValueError):
         return False
 
@@ -86,12 +105,8 @@ def finished_result(
         return None
     if any(not isinstance(n, int) or isinstance(n, bool) for n in (num_frames, num_flows)):
         return None
-    if rotation_of is not None and "rotation" not in meta:
-        try:
-            if rotation_of(source) != 0:
-                return None  # stored sideways by a flowprep that did not turn frames upright
-        except Exception:  # noqa: BLE001 - unreadable now: redo it, and its failure is reported
-            return None
+    if rotation_of is not None and turned_too_late(meta, source, rotation_of):
+        return None  # stored sideways by a flowprep that did not turn frames upright
     return VideoResult(
         entry.video_id,
         "skipped",

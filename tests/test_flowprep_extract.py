@@ -549,3 +549,14 @@ def test_ids_with_whitespace_fail_alone(tmp_path: Path) -> None:
         "video_id 'my clip' contains whitespace ' '"
     )
     assert (out / "all.txt").read_text() == "a 2 -1\n"
+
+
+def test_a_marker_that_is_not_a_json_object_means_not_done(tmp_path: Path) -> None:
+    """A `.done` holding a list (hand-edited, or another tool's) is redone, not a crash."""
+    write_video(tmp_path / "v" / "a.avi", moving_shapes(3, 32, 32))
+    entry, out = VideoEntry("a", "a.avi"), tmp_path / "o"
+    run_batch([entry], tmp_path / "v", out, ExtractSettings())
+    (out / "a" / ".done").write_text("[]")
+    results = run_batch([entry], tmp_path / "v", out, ExtractSettings())
+    assert [r.status for r in results] == ["done"]
+    assert json.loads((out / "a" / ".done").read_text())["rotation"] == 0
