@@ -359,8 +359,7 @@ class FusionNet(nn.Module):
         self.fusion: Fusion | None = None
         self.more_fusions = nn.ModuleList()  # fusion layers of the 2nd, 3rd, ... point of a list
         self.classifier: nn.Linear | None = None
-        self.cut: tuple[str, str] | None = None  # the first fusion point, in each tower
-        self.cuts: list[tuple[str, str]] = []  # every map fusion point, in order
+        self.cuts: list[tuple[str, str]] = []  # every map fusion point, in order, in each tower
         self.fuse_scores = False  # a "+" list ending in fc8: the towers' scores are averaged
         if fuse_at == "softmax":
             if fusion != "sum" or truncate:
@@ -384,6 +383,11 @@ class FusionNet(nn.Module):
                 for p in below(tower, cut).parameters():
                     p.requires_grad_(False)
 
+    @property
+    def cut(self) -> tuple[str, str] | None:
+        """The first fusion point in each tower; None for late fusion (`fuse_at="softmax"`)."""
+        return self.cuts[0] if self.cuts else None
+
     def train(self, mode: bool = True) -> FusionNet:
         """As nn.Module.train, but frozen towers keep their BatchNorm statistics too.
 
@@ -400,8 +404,7 @@ class FusionNet(nn.Module):
 
     def _inject(self, num_classes: int) -> None:
         cut_a, cut_m = point(self.appearance, self.fuse_at), point(self.motion, self.fuse_at)
-        self.cut = (cut_a, cut_m)
-        self.cuts = [self.cut]
+        self.cuts = [(cut_a, cut_m)]
         da, dm = channels_at(self.appearance, cut_a), channels_at(self.motion, cut_m)
         self.fusion = make_fusion(self.kind, da, dm)
         if self.kind == "bilinear":  # no spatial map is left for the tower's later layers
@@ -435,7 +438,6 @@ class FusionNet(nn.Module):
                 f"fuse_at {self.fuse_at!r} averages both towers' scores, so the motion tower is "
                 "kept whole: set truncate=false"
             )
-        self.cut = self.cuts[0]
         for i, (cut_a, cut_m) in enumerate(self.cuts):
             layer = make_fusion(
                 self.kind, channels_at(self.appearance, cut_a), channels_at(self.motion, cut_m)
