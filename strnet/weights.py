@@ -21,6 +21,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from strnet.vgg import vgg16_layers
+
 STRIP_PREFIXES = ("module.", "_orig_mod.")
 CONV1_RULES = ("authors", "timm")
 HEAD_KEYS = ("fc.weight", "fc.bias", "fc8.weight", "fc8.bias")  # classifiers (ResNet, VGG):
@@ -90,9 +92,7 @@ def vgg16_from_torchvision(state: dict) -> dict:
     """torchvision's VGG-16 keys and shapes -> `strnet.vgg`'s: `features.<i>` are conv1_1 ...
     conv5_3 in order; classifier.0/3/6 (Linear) become fc6 (a 7 x 7 conv over pool5: torchvision
     flattens pool5 as (C, H, W), so the weight is reshaped, not permuted), fc7 and fc8 (1 x 1)."""
-    names = [
-        f"conv{b}_{c}" for b, convs in enumerate((2, 2, 3, 3, 3), 1) for c in range(1, convs + 1)
-    ]
+    names = [s[0] for s in vgg16_layers() if isinstance(s, tuple) and s[0].startswith("conv")]
     convs = sorted({int(k.split(".")[1]) for k in state if k.startswith("features.")})
     fcs = {"classifier.0": "fc6", "classifier.3": "fc7", "classifier.6": "fc8"}
     if len(convs) != len(names) or not all(f"{k}.weight" in state for k in fcs):
